@@ -1,0 +1,29 @@
+"""adam_jax: the Adam optimizer family for JAX, as optax GradientTransformations.
+
+Exact to Kingma & Ba (arXiv:1412.6980), optax, PyTorch and Keras; float32
+scalar math whatever the param dtype; clear errors on bad input.
+"""
+
+from adam_jax import compat
+from adam_jax._alias import adam, adamw, amsgrad, nadam, nadamw
+from adam_jax._state import AdamState
+from adam_jax._transform import (
+    add_decayed_weights,
+    scale_by_adam,
+    scale_by_learning_rate,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AdamState",
+    "adam",
+    "adamw",
+    "add_decayed_weights",
+    "amsgrad",
+    "compat",
+    "nadam",
+    "nadamw",
+    "scale_by_adam",
+    "scale_by_learning_rate",
+]

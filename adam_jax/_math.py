@@ -1,0 +1,94 @@
+"""The Adam update of one leaf. The formula lives here and nowhere else.
+
+Kingma & Ba, "Adam: A Method for Stochastic Optimization", arXiv:1412.6980,
+Algorithm 1, generalised by per-step coefficients (see
+:func:`adam_jax._numerics.adam_coefficients`):
+
+.. math::
+  m_t &= \\beta_1 m_{t-1} + (1-\\beta_1) g_t \\\\
+  v_t &= \\beta_2 v_{t-1} + (1-\\beta_2) |g_t|^2 \\\\
+  u_t &= \\frac{c_m m_t + c_g g_t}{\\sqrt{c_v \\tilde v_t + \\epsilon_{root}} + \\epsilon}
+
+where :math:`\\tilde v_t` is :math:`v_t`, or the AMSGrad running maximum.
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from adam_jax._numerics import AdamCoefficients, abs_sq, cast_scalar, compute_dtype
+
+
+class AmsgradMode(enum.Enum):
+    """What the AMSGrad maximum (Reddi et al., 2018) is taken of."""
+
+    OFF = "off"
+    CORRECTED = "corrected"  # optax: max of bias-corrected v_hat
+    RAW = "raw"  # torch, keras: max of raw v, bias-corrected afterwards
+
+
+class LeafUpdate(NamedTuple):
+    """Output of :func:`adam_leaf`: the update and the new moments (float32)."""
+
+    update: jax.Array
+    mu: jax.Array
+    nu: jax.Array
+    nu_max: jax.Array | None
+
+
+def adam_leaf(
+    g: jax.Array,
+    m: jax.Array,
+    v: jax.Array,
+    v_max: jax.Array | None,
+    *,
+    b1: jax.Array,
+    b2: jax.Array,
+    eps: jax.Array,
+    eps_root: jax.Array,
+    coef: AdamCoefficients,
+    amsgrad: AmsgradMode,
+) -> LeafUpdate:
+    """One Adam step for one leaf, computed in float32 (complex64 for complex).
+
+    Args:
+      g: gradient leaf, any floating or complex dtype.
+      m, v, v_max: stored moments (any storage dtype); ``v_max`` is ``None``
+        unless AMSGrad is on.
+      b1, b2, eps, eps_root: float32 scalars.
+      coef: float32 per-step coefficients.
+      amsgrad: which AMSGrad variant, if any.
+
+    Returns:
+      The update (in the compute dtype, not yet cast) and the new moments in
+      the compute dtype; the caller casts them to their storage dtypes.
+    """
+    cdt = compute_dtype(g.dtype)
+    g = g.astype(cdt)
+    m = m.astype(cdt)
+    v = v.astype(compute_dtype(v.dtype))
+    one = jnp.ones((), b1.dtype)
+    m = cast_scalar(b1, m) * m + cast_scalar(one - b1, m) * g
+    v = cast_scalar(b2, v) * v + cast_scalar(one - b2, v) * abs_sq(g).astype(v.dtype)
+
+    c_v = cast_scalar(coef.c_v, v)
+    if amsgrad is AmsgradMode.CORRECTED:
+        v_max = jnp.maximum(v_max.astype(v.dtype), c_v * v)
+        v_hat = v_max
+    elif amsgrad is AmsgradMode.RAW:
+        v_max = jnp.maximum(v_max.astype(v.dtype), v)
+        v_hat = c_v * v_max
+    else:
+        v_max = None
+        v_hat = c_v * v
+
+    numerator = cast_scalar(coef.c_m, m) * m
+    if coef.c_g is not None:
+        numerator = numerator + cast_scalar(coef.c_g, g) * g
+    denominator = jnp.sqrt(v_hat + cast_scalar(eps_root, v)) + cast_scalar(eps, v)
+    update = numerator / denominator.astype(numerator.dtype)
+    return LeafUpdate(update=update, mu=m, nu=v, nu_max=v_max)

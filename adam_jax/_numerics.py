@@ -1,0 +1,125 @@
+"""Numerical helpers: float32 scalars, bias correction, safe counters, casts.
+
+Every scalar the Adam update needs (``1 - b**t``, the Nesterov and Keras
+coefficients) is computed here in float32, whatever the param dtype: ``b**t``
+in bfloat16 rounds to 1 and divides by zero.
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+SCALAR_DTYPE = jnp.float32
+
+
+class Convention(enum.Enum):
+    """Where bias correction and eps sit, and what AMSGrad takes the max of.
+
+    ``OPTAX``: ``m_hat / (sqrt(v_hat + eps_root) + eps)``; AMSGrad takes the max
+    of the bias-corrected ``v_hat``.
+    ``TORCH``: same direction; AMSGrad takes the max of the raw ``v`` and then
+    bias-corrects it.
+    ``KERAS``: ``lr_t = lr * sqrt(1 - b2**t) / (1 - b1**t)`` and
+    ``m / (sqrt(v) + eps)`` (the "epsilon hat" form); AMSGrad on raw ``v``.
+    """
+
+    OPTAX = "optax"
+    TORCH = "torch"
+    KERAS = "keras"
+
+
+class AdamCoefficients(NamedTuple):
+    """Per-step float32 scalars of the update ``(c_m m + c_g g) / (sqrt(c_v v + eps_root) + eps)``."""
+
+    c_m: jax.Array
+    c_g: jax.Array | None
+    c_v: jax.Array
+
+
+def to_scalar(x) -> jax.Array:
+    """Returns ``x`` (Python number, NumPy or JAX scalar) as a float32 array."""
+    return jnp.asarray(x, dtype=SCALAR_DTYPE)
+
+
+def safe_increment(count: jax.Array) -> jax.Array:
+    """``count + 1`` for an int32 counter, saturating at its maximum."""
+    max_value = jnp.iinfo(count.dtype).max
+    return jnp.where(count < max_value, count + jnp.ones_like(count), count)
+
+
+def bias_correction(decay, count: jax.Array) -> jax.Array:
+    """Returns ``1 - decay**count`` in float32.
+
+    Computed in float32 whatever the param dtype: in bfloat16 ``decay**count``
+    rounds to 1 for small ``count`` and the correction would divide by zero.
+    """
+    return 1.0 - to_scalar(decay) ** count.astype(SCALAR_DTYPE)
+
+
+def adam_coefficients(
+    count_inc: jax.Array,
+    b1,
+    b2,
+    *,
+    convention: Convention,
+    nesterov: bool,
+    bias_correction_mu: bool = True,
+    bias_correction_nu: bool = True,
+) -> AdamCoefficients:
+    """Float32 coefficients of the Adam direction at step ``t = count_inc``.
+
+    .. math::
+      u = \\frac{c_m m_t + c_g g_t}{\\sqrt{c_v v_t + \\epsilon_{root}} + \\epsilon}
+
+    * optax/torch: :math:`c_m = 1/(1-\\beta_1^t)`, :math:`c_g = 0`,
+      :math:`c_v = 1/(1-\\beta_2^t)`;
+    * Nesterov (optax): :math:`c_m = \\beta_1/(1-\\beta_1^{t+1})`,
+      :math:`c_g = (1-\\beta_1)/(1-\\beta_1^t)`;
+    * Keras: :math:`c_m = \\sqrt{1-\\beta_2^t}/(1-\\beta_1^t)`, :math:`c_v = 1`.
+    """
+    one = jnp.ones((), SCALAR_DTYPE)
+    b1 = to_scalar(b1)
+    bc1 = bias_correction(b1, count_inc) if bias_correction_mu else one
+    bc2 = bias_correction(b2, count_inc) if bias_correction_nu else one
+    c_g = None
+    if convention is Convention.KERAS:
+        return AdamCoefficients(c_m=jnp.sqrt(bc2) / bc1, c_g=None, c_v=one)
+    if nesterov:
+        bc1_next = (
+            bias_correction(b1, safe_increment(count_inc)) if bias_correction_mu else one
+        )
+        c_m = b1 / bc1_next
+        c_g = (one - b1) / bc1
+    else:
+        c_m = one / bc1
+    return AdamCoefficients(c_m=c_m, c_g=c_g, c_v=one / bc2)
+
+
+def compute_dtype(dtype) -> np.dtype:
+    """Arithmetic dtype for a leaf: float32 / complex64, or wider if the leaf is."""
+    dtype = jnp.dtype(dtype)
+    if jnp.issubdtype(dtype, jnp.complexfloating):
+        return jnp.promote_types(dtype, jnp.complex64)
+    return jnp.promote_types(dtype, jnp.float32)
+
+
+def real_dtype(dtype) -> np.dtype:
+    """The real dtype matching ``dtype`` (``complex64 -> float32``)."""
+    return jnp.finfo(jnp.dtype(dtype)).dtype
+
+
+def abs_sq(x: jax.Array) -> jax.Array:
+    """``|x|**2``, real for complex ``x`` (differentiable everywhere)."""
+    if jnp.iscomplexobj(x):
+        return jnp.real(x) ** 2 + jnp.imag(x) ** 2
+    return x * x
+
+
+def cast_scalar(s: jax.Array, like: jax.Array) -> jax.Array:
+    """Casts a float32 scalar to the dtype of ``like`` (explicit, strict-safe)."""
+    return s.astype(like.dtype)

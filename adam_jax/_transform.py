@@ -1,0 +1,263 @@
+"""The pure pytree transforms: ``scale_by_adam`` and its strict-dtype helpers."""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+from jax.typing import ArrayLike, DTypeLike
+
+from adam_jax._math import AmsgradMode, adam_leaf
+from adam_jax._numerics import (
+    Convention,
+    adam_coefficients,
+    compute_dtype,
+    real_dtype,
+    safe_increment,
+    to_scalar,
+)
+from adam_jax._state import AdamState
+from adam_jax._validate import (
+    check_adam_hyperparams,
+    check_inexact_leaves,
+    check_non_negative,
+    check_same_shapes,
+)
+
+ScalarOrSchedule = optax.ScalarOrSchedule
+
+
+def _canonical_dtype(dtype: DTypeLike | None):
+    if dtype is None:
+        return None
+    return jax.dtypes.canonicalize_dtype(dtype)
+
+
+def _zeros(leaf, dtype) -> jax.Array:
+    # zeros_like keeps the leaf's sharding under jit.
+    return jnp.zeros_like(leaf, dtype=dtype)
+
+
+def _amsgrad_mode(amsgrad: bool, convention: Convention) -> AmsgradMode:
+    if not amsgrad:
+        return AmsgradMode.OFF
+    return AmsgradMode.CORRECTED if convention is Convention.OPTAX else AmsgradMode.RAW
+
+
+def scale_by_adam_with_convention(
+    b1: ArrayLike = 0.9,
+    b2: ArrayLike = 0.999,
+    eps: ArrayLike = 1e-8,
+    eps_root: ArrayLike = 0.0,
+    mu_dtype: DTypeLike | None = None,
+    *,
+    nesterov: bool = False,
+    amsgrad: bool = False,
+    nu_dtype: DTypeLike | None = None,
+    convention: Convention = Convention.OPTAX,
+    bias_correction_mu: bool = True,
+    bias_correction_nu: bool = True,
+) -> optax.GradientTransformation:
+    """:func:`scale_by_adam` with the convention and bias-correction switches exposed.
+
+    Used by the aliases and by :mod:`adam_jax.compat`; see :func:`scale_by_adam`.
+    """
+    check_adam_hyperparams(b1, b2, eps, eps_root)
+    if nesterov and convention is Convention.KERAS:
+        raise ValueError("nesterov=True is not defined for the Keras convention.")
+    mu_dtype = _canonical_dtype(mu_dtype)
+    nu_dtype = _canonical_dtype(nu_dtype)
+    ams_mode = _amsgrad_mode(amsgrad, convention)
+
+    def init_fn(params) -> AdamState:
+        check_inexact_leaves(params, name="params")
+
+        def nu_zeros(p):
+            return _zeros(p, nu_dtype or real_dtype(p.dtype))
+
+        return AdamState(
+            count=jnp.zeros([], jnp.int32),
+            mu=jax.tree.map(lambda p: _zeros(p, mu_dtype or p.dtype), params),
+            nu=jax.tree.map(nu_zeros, params),
+            nu_max=jax.tree.map(nu_zeros, params) if amsgrad else None,
+        )
+
+    def update_fn(updates, state: AdamState, params=None):
+        del params
+        check_same_shapes(
+            updates, state.mu, name="grads", reference_name="the params of the optimizer state"
+        )
+        check_inexact_leaves(updates, name="grads")
+        count_inc = safe_increment(state.count)
+        coef = adam_coefficients(
+            count_inc,
+            b1,
+            b2,
+            convention=convention,
+            nesterov=nesterov,
+            bias_correction_mu=bias_correction_mu,
+            bias_correction_nu=bias_correction_nu,
+        )
+        hyper = dict(b1=to_scalar(b1), b2=to_scalar(b2), eps=to_scalar(eps))
+        hyper["eps_root"] = to_scalar(eps_root)
+
+        treedef = jax.tree.structure(updates)
+        gs = treedef.flatten_up_to(updates)
+        ms = treedef.flatten_up_to(state.mu)
+        vs = treedef.flatten_up_to(state.nu)
+        vmaxs = treedef.flatten_up_to(state.nu_max) if amsgrad else [None] * len(gs)
+        out_u, out_m, out_v, out_vmax = [], [], [], []
+        for g, m, v, vmax in zip(gs, ms, vs, vmaxs, strict=True):
+            res = adam_leaf(g, m, v, vmax, coef=coef, amsgrad=ams_mode, **hyper)
+            out_u.append(res.update.astype(g.dtype))
+            out_m.append(res.mu.astype(m.dtype))
+            out_v.append(res.nu.astype(v.dtype))
+            out_vmax.append(None if vmax is None else res.nu_max.astype(vmax.dtype))
+        new_state = AdamState(
+            count=count_inc,
+            mu=treedef.unflatten(out_m),
+            nu=treedef.unflatten(out_v),
+            nu_max=treedef.unflatten(out_vmax) if amsgrad else None,
+        )
+        return treedef.unflatten(out_u), new_state
+
+    return optax.GradientTransformation(init_fn, update_fn)
+
+
+def scale_by_adam(
+    b1: ArrayLike = 0.9,
+    b2: ArrayLike = 0.999,
+    eps: ArrayLike = 1e-8,
+    eps_root: ArrayLike = 0.0,
+    mu_dtype: DTypeLike | None = None,
+    *,
+    nesterov: bool = False,
+    amsgrad: bool = False,
+    nu_dtype: DTypeLike | None = None,
+) -> optax.GradientTransformation:
+    r"""Rescales updates by Adam's bias-corrected moment ratio (optax convention).
+
+    .. math::
+      m_t &= \beta_1 m_{t-1} + (1-\beta_1) g_t \\
+      v_t &= \beta_2 v_{t-1} + (1-\beta_2) |g_t|^2 \\
+      \hat m_t &= m_t / (1-\beta_1^t), \quad \hat v_t = v_t / (1-\beta_2^t) \\
+      u_t &= \hat m_t / (\sqrt{\hat v_t + \epsilon_{root}} + \epsilon)
+
+    With ``nesterov=True`` (NAdam, Dozat 2016) :math:`\hat m_t = \beta_1 m_t /
+    (1-\beta_1^{t+1}) + (1-\beta_1) g_t / (1-\beta_1^t)`. With ``amsgrad=True``
+    (Reddi et al., 2018) :math:`\hat v_t` is replaced by its running maximum,
+    taken of the bias-corrected value as optax does.
+
+    All arithmetic is float32 (complex64 for complex leaves); the scalars
+    :math:`1-\beta^t` are float32 whatever the param dtype. The returned update
+    has the gradient's dtype; the moments keep their storage dtypes.
+
+    Args:
+      b1: decay of the first moment, in [0, 1).
+      b2: decay of the second moment, in [0, 1).
+      eps: added to :math:`\sqrt{\hat v}` (outside the root), >= 0.
+      eps_root: added to :math:`\hat v` inside the root, >= 0; use > 0 when
+        differentiating through the update (meta-learning).
+      mu_dtype: storage dtype of ``mu``; ``None`` uses the param dtype.
+      nesterov: use Nesterov momentum (NAdam).
+      amsgrad: keep the running maximum of :math:`\hat v` (AMSGrad).
+      nu_dtype: storage dtype of ``nu`` (and of the AMSGrad maximum); ``None``
+        uses the real dtype of the param. optax has no such option.
+
+    Returns:
+      An ``optax.GradientTransformation`` with state :class:`AdamState`.
+
+    Example:
+      >>> import jax.numpy as jnp, adam_jax
+      >>> tx = adam_jax.scale_by_adam()
+      >>> state = tx.init({"w": jnp.zeros(3)})
+      >>> u, state = tx.update({"w": jnp.ones(3)}, state)
+      >>> u["w"]
+      Array([1., 1., 1.], dtype=float32)
+
+    References:
+      Kingma & Ba, Adam: A Method for Stochastic Optimization, arXiv:1412.6980.
+      Reddi, Kale & Kumar, On the Convergence of Adam and Beyond, ICLR 2018.
+      Dozat, Incorporating Nesterov Momentum into Adam, ICLR workshop 2016.
+    """
+    return scale_by_adam_with_convention(
+        b1,
+        b2,
+        eps,
+        eps_root,
+        mu_dtype,
+        nesterov=nesterov,
+        amsgrad=amsgrad,
+        nu_dtype=nu_dtype,
+    )
+
+
+class ScheduleState(NamedTuple):
+    """Step counter of a scheduled hyperparameter."""
+
+    count: jax.Array
+
+
+def _scheduled(value: ScalarOrSchedule, leaf_fn, *, needs_params: bool, name: str):
+    """Builds a transform applying ``leaf_fn(u, scalar_f32, p)`` with a float or schedule."""
+    if not callable(value):
+        check_non_negative(name, value)
+
+    def init_fn(params):
+        del params
+        if callable(value):
+            return ScheduleState(count=jnp.zeros([], jnp.int32))
+        return optax.EmptyState()
+
+    def update_fn(updates, state, params=None):
+        if needs_params:
+            if params is None:
+                raise ValueError(optax.NO_PARAMS_MSG)
+            check_same_shapes(updates, params, name="updates", reference_name="params")
+        if callable(value):
+            scalar = to_scalar(value(state.count))
+            state = ScheduleState(count=safe_increment(state.count))
+        else:
+            scalar = to_scalar(value)
+        if needs_params:
+            updates = jax.tree.map(lambda u, p: leaf_fn(u, scalar, p), updates, params)
+        else:
+            updates = jax.tree.map(lambda u: leaf_fn(u, scalar, None), updates)
+        return updates, state
+
+    return optax.GradientTransformation(init_fn, update_fn)
+
+
+def _descent_leaf(u, lr, _):
+    cdt = compute_dtype(u.dtype)
+    return (u.astype(cdt) * (-lr).astype(cdt)).astype(u.dtype)
+
+
+def _decay_leaf(u, wd, p):
+    cdt = compute_dtype(u.dtype)
+    return (u.astype(cdt) + wd.astype(cdt) * p.astype(cdt)).astype(u.dtype)
+
+
+def scale_by_learning_rate(learning_rate: ScalarOrSchedule) -> optax.GradientTransformation:
+    """Multiplies updates by ``-learning_rate`` (a float or an optax schedule), in float32."""
+    return _scheduled(learning_rate, _descent_leaf, needs_params=False, name="learning_rate")
+
+
+def add_decayed_weights(
+    weight_decay: ScalarOrSchedule = 0.0, mask: Any = None
+) -> optax.GradientTransformation:
+    r"""Adds ``weight_decay * params`` to the updates (:math:`u + \lambda p`), in float32.
+
+    ``weight_decay`` is a float or an optax schedule. ``mask`` (a pytree of
+    bools or a callable returning one) selects the leaves that decay, as in
+    ``optax.add_decayed_weights``.
+    """
+    tx = _scheduled(weight_decay, _decay_leaf, needs_params=True, name="weight_decay")
+    return optax.masked(tx, mask) if mask is not None else tx
+
+
+def negate() -> optax.GradientTransformation:
+    """Flips the sign of the gradients (gradient ascent, torch's ``maximize``)."""
+    return optax.stateless(lambda updates, params=None: jax.tree.map(jnp.negative, updates))

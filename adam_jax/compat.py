@@ -1,0 +1,134 @@
+"""Exact reproductions of PyTorch's and Keras's Adam conventions.
+
+Thin constructors over the same transform as :func:`adam_jax.adam`; only the
+scalar coefficients, the AMSGrad maximum and the weight-decay placement differ.
+"""
+
+from __future__ import annotations
+
+import optax
+
+from adam_jax._numerics import Convention
+from adam_jax._transform import (
+    ScalarOrSchedule,
+    add_decayed_weights,
+    negate,
+    scale_by_adam_with_convention,
+    scale_by_learning_rate,
+)
+
+__all__ = ["keras_adam", "torch_adam", "torch_adamw"]
+
+
+def torch_adam(
+    lr: ScalarOrSchedule = 1e-3,
+    betas: tuple[float, float] = (0.9, 0.999),
+    eps: float = 1e-8,
+    weight_decay: ScalarOrSchedule = 0.0,
+    amsgrad: bool = False,
+    *,
+    maximize: bool = False,
+    decoupled_weight_decay: bool = False,
+) -> optax.GradientTransformation:
+    r"""``torch.optim.Adam``, with its names, defaults and semantics.
+
+    .. math::
+      g_t &\leftarrow \pm g_t + \lambda \theta_{t-1} \quad \text{(L2, unless decoupled)} \\
+      \theta_t &= \theta_{t-1} - \frac{\alpha}{1-\beta_1^t}
+        \frac{m_t}{\sqrt{v^{(max)}_t}/\sqrt{1-\beta_2^t} + \epsilon}
+
+    * ``weight_decay`` is L2: :math:`\lambda\theta` is added to the gradient
+      before the moments (unless ``decoupled_weight_decay=True``, which is AdamW).
+    * ``amsgrad`` keeps the max of the *raw* :math:`v_t`, then bias-corrects it
+      (optax takes the max of the corrected value).
+    * ``maximize`` ascends: the gradient is negated first.
+
+    Example:
+      >>> from adam_jax.compat import torch_adam
+      >>> tx = torch_adam(lr=1e-3, weight_decay=1e-4)
+
+    References:
+      https://pytorch.org/docs/stable/generated/torch.optim.Adam.html
+    """
+    b1, b2 = betas
+    parts = []
+    if maximize:
+        parts.append(negate())
+    has_decay = callable(weight_decay) or weight_decay != 0.0
+    if has_decay and not decoupled_weight_decay:
+        parts.append(add_decayed_weights(weight_decay))
+    parts.append(
+        scale_by_adam_with_convention(b1, b2, eps, amsgrad=amsgrad, convention=Convention.TORCH)
+    )
+    if has_decay and decoupled_weight_decay:
+        parts.append(add_decayed_weights(weight_decay))
+    parts.append(scale_by_learning_rate(lr))
+    return optax.chain(*parts)
+
+
+def torch_adamw(
+    lr: ScalarOrSchedule = 1e-3,
+    betas: tuple[float, float] = (0.9, 0.999),
+    eps: float = 1e-8,
+    weight_decay: ScalarOrSchedule = 1e-2,
+    amsgrad: bool = False,
+    *,
+    maximize: bool = False,
+) -> optax.GradientTransformation:
+    r"""``torch.optim.AdamW``: decoupled decay :math:`\theta \leftarrow \theta(1-\alpha\lambda)`.
+
+    Example:
+      >>> from adam_jax.compat import torch_adamw
+      >>> tx = torch_adamw(lr=1e-3)
+
+    References:
+      Loshchilov & Hutter, arXiv:1711.05101;
+      https://pytorch.org/docs/stable/generated/torch.optim.AdamW.html
+    """
+    return torch_adam(
+        lr,
+        betas,
+        eps,
+        weight_decay,
+        amsgrad,
+        maximize=maximize,
+        decoupled_weight_decay=True,
+    )
+
+
+def keras_adam(
+    learning_rate: ScalarOrSchedule = 0.001,
+    beta_1: float = 0.9,
+    beta_2: float = 0.999,
+    epsilon: float = 1e-7,
+    amsgrad: bool = False,
+    weight_decay: ScalarOrSchedule | None = None,
+) -> optax.GradientTransformation:
+    r"""``keras.optimizers.Adam`` (Keras 3): the "epsilon hat" form.
+
+    .. math::
+      \alpha_t = \alpha \sqrt{1-\beta_2^t}/(1-\beta_1^t), \quad
+      \theta_t = \theta_{t-1} - \alpha_t \, m_t / (\sqrt{v_t} + \hat\epsilon)
+
+    ``epsilon`` is added to :math:`\sqrt{v_t}` with no bias correction, so it
+    weighs :math:`1/\sqrt{1-\beta_2^t}` times more than optax's ``eps`` early in
+    training. AMSGrad keeps the max of the raw :math:`v_t`. ``weight_decay`` is
+    decoupled and multiplied by the learning rate, as Keras does.
+
+    Example:
+      >>> from adam_jax.compat import keras_adam
+      >>> tx = keras_adam(learning_rate=1e-3)
+
+    References:
+      Kingma & Ba, arXiv:1412.6980, section 2 (the efficient form);
+      https://keras.io/api/optimizers/adam/
+    """
+    parts = [
+        scale_by_adam_with_convention(
+            beta_1, beta_2, epsilon, amsgrad=amsgrad, convention=Convention.KERAS
+        )
+    ]
+    if weight_decay is not None:
+        parts.append(add_decayed_weights(weight_decay))
+    parts.append(scale_by_learning_rate(learning_rate))
+    return optax.chain(*parts)
