@@ -5,8 +5,8 @@ Algorithm 1, generalised by per-step coefficients (see
 :func:`adam_jax._numerics.adam_coefficients`):
 
 .. math::
-  m_t &= \\beta_1 m_{t-1} + (1-\\beta_1) g_t \\\\
-  v_t &= \\beta_2 v_{t-1} + (1-\\beta_2) |g_t|^2 \\\\
+  m_t &= m_{t-1} + (1-\\beta_1) (g_t - m_{t-1}) \\\\
+  v_t &= v_{t-1} + (1-\\beta_2) (|g_t|^2 - v_{t-1}) \\\\
   u_t &= \\frac{c_m m_t + c_g g_t}{\\sqrt{c_v \\tilde v_t + \\epsilon_{root}} + \\epsilon}
 
 where :math:`\\tilde v_t` is :math:`v_t`, or the AMSGrad running maximum.
@@ -46,8 +46,8 @@ def adam_leaf(
     v: jax.Array,
     v_max: jax.Array | None,
     *,
-    b1: jax.Array,
-    b2: jax.Array,
+    one_minus_b1: jax.Array,
+    one_minus_b2: jax.Array,
     eps: jax.Array,
     eps_root: jax.Array,
     coef: AdamCoefficients,
@@ -59,7 +59,9 @@ def adam_leaf(
       g: gradient leaf, any floating or complex dtype.
       m, v, v_max: stored moments (any storage dtype); ``v_max`` is ``None``
         unless AMSGrad is on.
-      b1, b2, eps, eps_root: float32 scalars.
+      eps, eps_root: float32 scalars.
+      one_minus_b1, one_minus_b2: ``1 - b1`` and ``1 - b2`` as float32 scalars,
+        computed in float64 when known on the host (see ``_numerics.one_minus``).
       coef: float32 per-step coefficients.
       amsgrad: which AMSGrad variant, if any.
 
@@ -71,9 +73,11 @@ def adam_leaf(
     g = g.astype(cdt)
     m = m.astype(cdt)
     v = v.astype(compute_dtype(v.dtype))
-    one = jnp.ones((), b1.dtype)
-    m = cast_scalar(b1, m) * m + cast_scalar(one - b1, m) * g
-    v = cast_scalar(b2, v) * v + cast_scalar(one - b2, v) * abs_sq(g).astype(v.dtype)
+    # Lerp form m + (1-b1)(g - m): it needs only 1 - b1, which is exact to
+    # float32 rounding, whereas float32(b2) itself is off by 1.3e-8 and that
+    # error compounds over steps in b2 * v.
+    m = m + cast_scalar(one_minus_b1, m) * (g - m)
+    v = v + cast_scalar(one_minus_b2, v) * (abs_sq(g).astype(v.dtype) - v)
 
     c_v = cast_scalar(coef.c_v, v)
     if amsgrad is AmsgradMode.CORRECTED:

@@ -15,8 +15,8 @@ class AdamState(NamedTuple):
       mu: first moment :math:`m`, a pytree shaped like the params, stored in
         ``mu_dtype`` (default: the param dtype).
       nu: second moment :math:`v`, shaped like the params, stored in
-        ``nu_dtype`` (default: the real dtype of the param; ``v`` of a complex
-        param is real).
+        ``nu_dtype`` (default: the real dtype of the param, float32 for float16
+        params; ``v`` of a complex param is real).
       nu_max: the AMSGrad running maximum, shaped and typed like ``nu``; ``None``
         when AMSGrad is off.
     """

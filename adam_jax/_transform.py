@@ -14,6 +14,7 @@ from adam_jax._numerics import (
     Convention,
     adam_coefficients,
     compute_dtype,
+    one_minus,
     real_dtype,
     safe_increment,
     to_scalar,
@@ -38,6 +39,19 @@ def _canonical_dtype(dtype: DTypeLike | None):
 def _zeros(leaf, dtype) -> jax.Array:
     # zeros_like keeps the leaf's sharding under jit.
     return jnp.zeros_like(leaf, dtype=dtype)
+
+
+def default_nu_dtype(param_dtype) -> jnp.dtype:
+    """Storage dtype of ``nu`` when ``nu_dtype=None``: the param's real dtype, but
+    float32 for float16 params.
+
+    float16's smallest subnormal is 6e-8, so ``(1 - b2) * g**2`` underflows to 0
+    for every ``|g| < 7.7e-3`` at ``b2 = 0.999``; the update ``m / (0 + eps)`` is
+    then up to ``1e8`` times too large and overflows float16. bfloat16 has
+    float32's range and keeps its own dtype, as in optax.
+    """
+    dtype = real_dtype(param_dtype)
+    return jnp.dtype(jnp.float32) if dtype == jnp.float16 else dtype
 
 
 def _amsgrad_mode(amsgrad: bool, convention: Convention) -> AmsgradMode:
@@ -75,7 +89,7 @@ def scale_by_adam_with_convention(
         check_inexact_leaves(params, name="params")
 
         def nu_zeros(p):
-            return _zeros(p, nu_dtype or real_dtype(p.dtype))
+            return _zeros(p, nu_dtype or default_nu_dtype(p.dtype))
 
         return AdamState(
             count=jnp.zeros([], jnp.int32),
@@ -100,8 +114,12 @@ def scale_by_adam_with_convention(
             bias_correction_mu=bias_correction_mu,
             bias_correction_nu=bias_correction_nu,
         )
-        hyper = dict(b1=to_scalar(b1), b2=to_scalar(b2), eps=to_scalar(eps))
-        hyper["eps_root"] = to_scalar(eps_root)
+        hyper = dict(
+            one_minus_b1=one_minus(b1),
+            one_minus_b2=one_minus(b2),
+            eps=to_scalar(eps),
+            eps_root=to_scalar(eps_root),
+        )
 
         treedef = jax.tree.structure(updates)
         gs = treedef.flatten_up_to(updates)
@@ -164,7 +182,9 @@ def scale_by_adam(
       nesterov: use Nesterov momentum (NAdam).
       amsgrad: keep the running maximum of :math:`\hat v` (AMSGrad).
       nu_dtype: storage dtype of ``nu`` (and of the AMSGrad maximum); ``None``
-        uses the real dtype of the param. optax has no such option.
+        uses the real dtype of the param, except float32 for float16 params
+        (see :func:`default_nu_dtype`; optax keeps float16 and underflows).
+        optax has no such option.
 
     Returns:
       An ``optax.GradientTransformation`` with state :class:`AdamState`.
