@@ -6,18 +6,64 @@ scalar coefficients, the AMSGrad maximum and the weight-decay placement differ.
 
 from __future__ import annotations
 
+import jax
+import jax.numpy as jnp
 import optax
 
-from adam_jax._numerics import Convention
+from adam_jax._numerics import Convention, compute_dtype, safe_increment, to_scalar
 from adam_jax._transform import (
     ScalarOrSchedule,
+    ScheduleState,
     add_decayed_weights,
     negate,
     scale_by_adam_with_convention,
     scale_by_learning_rate,
 )
+from adam_jax._validate import check_same_shapes
 
 __all__ = ["keras_adam", "torch_adam", "torch_adamw"]
+
+
+def _shrink_factor(lr, weight_decay, count) -> jax.Array:
+    """``1 - lr * weight_decay`` as torch forms it: in float64 when both are numbers."""
+    lr_now = lr(count) if callable(lr) else lr
+    wd_now = weight_decay(count) if callable(weight_decay) else weight_decay
+    if isinstance(lr_now, (int, float)) and isinstance(wd_now, (int, float)):
+        return to_scalar(1.0 - lr_now * wd_now)
+    return 1.0 - to_scalar(lr_now) * to_scalar(wd_now)
+
+
+def _torch_decoupled_decay(lr, weight_decay) -> optax.GradientTransformation:
+    """Adds ``p * (1 - lr * wd) - p`` to the (already lr-scaled) updates.
+
+    This is torch's ``param.mul_(1 - lr * weight_decay)`` written as an additive
+    update: ``p * c`` is rounded in the param dtype exactly as torch rounds it,
+    and ``p * c - p`` is then exact, so ``p + u`` lands where torch's two-stage
+    step lands (to float32 rounding of the Adam step itself).
+    """
+    scheduled = callable(lr) or callable(weight_decay)
+
+    def init_fn(params):
+        del params
+        return ScheduleState(count=jnp.zeros([], jnp.int32)) if scheduled else optax.EmptyState()
+
+    def update_fn(updates, state, params=None):
+        if params is None:
+            raise ValueError(optax.NO_PARAMS_MSG)
+        check_same_shapes(updates, params, name="updates", reference_name="params")
+        count = state.count if scheduled else None
+        shrink = _shrink_factor(lr, weight_decay, count)
+
+        def leaf(u, p):
+            cdt = compute_dtype(u.dtype)
+            shrunk = (p * shrink.astype(p.dtype)).astype(p.dtype)
+            return (u.astype(cdt) + (shrunk - p).astype(cdt)).astype(u.dtype)
+
+        if scheduled:
+            state = ScheduleState(count=safe_increment(state.count))
+        return jax.tree.map(leaf, updates, params), state
+
+    return optax.GradientTransformation(init_fn, update_fn)
 
 
 def torch_adam(
@@ -60,9 +106,9 @@ def torch_adam(
     parts.append(
         scale_by_adam_with_convention(b1, b2, eps, amsgrad=amsgrad, convention=Convention.TORCH)
     )
-    if has_decay and decoupled_weight_decay:
-        parts.append(add_decayed_weights(weight_decay))
     parts.append(scale_by_learning_rate(lr))
+    if has_decay and decoupled_weight_decay:
+        parts.append(_torch_decoupled_decay(lr, weight_decay))
     return optax.chain(*parts)
 
 
