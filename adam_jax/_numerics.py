@@ -46,6 +46,17 @@ def to_scalar(x) -> jax.Array:
     return jnp.asarray(x, dtype=SCALAR_DTYPE)
 
 
+def evaluate_schedule(schedule, count: jax.Array) -> jax.Array:
+    """``schedule(count)`` as a float32 scalar.
+
+    The schedule is user code (optax's own schedules mix int32 counts with
+    Python floats), so it runs under standard promotion even when the caller
+    has turned strict promotion on; everything around it stays strict.
+    """
+    with jax.numpy_dtype_promotion("standard"):
+        return to_scalar(schedule(count))
+
+
 def _host_float(x) -> float | None:
     """``float(x)`` if ``x`` is a concrete host number (Python/NumPy), else ``None``."""
     if isinstance(x, (int, float, np.number)) or (isinstance(x, np.ndarray) and x.ndim == 0):
@@ -133,9 +144,10 @@ def adam_coefficients(
 def compute_dtype(dtype) -> np.dtype:
     """Arithmetic dtype for a leaf: float32 / complex64, or wider if the leaf is."""
     dtype = jnp.dtype(dtype)
+    # No jnp.promote_types: it obeys (and would trip) strict promotion mode.
     if jnp.issubdtype(dtype, jnp.complexfloating):
-        return jnp.promote_types(dtype, jnp.complex64)
-    return jnp.promote_types(dtype, jnp.float32)
+        return dtype if dtype.itemsize > 8 else jnp.dtype(jnp.complex64)
+    return dtype if dtype.itemsize > 4 else jnp.dtype(jnp.float32)
 
 
 def real_dtype(dtype) -> np.dtype:

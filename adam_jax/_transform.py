@@ -14,6 +14,7 @@ from adam_jax._numerics import (
     Convention,
     adam_coefficients,
     compute_dtype,
+    evaluate_schedule,
     one_minus,
     real_dtype,
     safe_increment,
@@ -237,7 +238,7 @@ def _scheduled(value: ScalarOrSchedule, leaf_fn, *, needs_params: bool, name: st
                 raise ValueError(optax.NO_PARAMS_MSG)
             check_same_shapes(updates, params, name="updates", reference_name="params")
         if callable(value):
-            scalar = to_scalar(value(state.count))
+            scalar = evaluate_schedule(value, state.count)
             state = ScheduleState(count=safe_increment(state.count))
         else:
             scalar = to_scalar(value)

@@ -10,7 +10,13 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from adam_jax._numerics import Convention, compute_dtype, safe_increment, to_scalar
+from adam_jax._numerics import (
+    Convention,
+    compute_dtype,
+    evaluate_schedule,
+    safe_increment,
+    to_scalar,
+)
 from adam_jax._transform import (
     ScalarOrSchedule,
     ScheduleState,
@@ -26,8 +32,8 @@ __all__ = ["keras_adam", "torch_adam", "torch_adamw"]
 
 def _shrink_factor(lr, weight_decay, count) -> jax.Array:
     """``1 - lr * weight_decay`` as torch forms it: in float64 when both are numbers."""
-    lr_now = lr(count) if callable(lr) else lr
-    wd_now = weight_decay(count) if callable(weight_decay) else weight_decay
+    lr_now = evaluate_schedule(lr, count) if callable(lr) else lr
+    wd_now = evaluate_schedule(weight_decay, count) if callable(weight_decay) else weight_decay
     if isinstance(lr_now, (int, float)) and isinstance(wd_now, (int, float)):
         return to_scalar(1.0 - lr_now * wd_now)
     return 1.0 - to_scalar(lr_now) * to_scalar(wd_now)
