@@ -6,7 +6,8 @@ Positional order follows optax, so ``import adam_jax as optim`` can replace
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import optax
 from jax.typing import ArrayLike, DTypeLike

@@ -34,7 +34,7 @@ class Convention(enum.Enum):
 
 
 class AdamCoefficients(NamedTuple):
-    """Per-step float32 scalars of the update ``(c_m m + c_g g) / (sqrt(c_v v + eps_root) + eps)``."""
+    """Per-step float32 scalars of ``u = (c_m m + c_g g) / (sqrt(c_v v + eps_root) + eps)``."""
 
     c_m: jax.Array
     c_g: jax.Array | None
@@ -131,9 +131,7 @@ def adam_coefficients(
     if convention is Convention.KERAS:
         return AdamCoefficients(c_m=jnp.sqrt(bc2) / bc1, c_g=None, c_v=one)
     if nesterov:
-        bc1_next = (
-            bias_correction(b1, safe_increment(count_inc)) if bias_correction_mu else one
-        )
+        bc1_next = bias_correction(b1, safe_increment(count_inc)) if bias_correction_mu else one
         c_m = b1 / bc1_next
         c_g = one_minus(b1) / bc1
     else:

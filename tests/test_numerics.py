@@ -113,7 +113,7 @@ def test_mu_and_nu_dtypes_are_independent():
     assert all(x.dtype == jnp.bfloat16 for x in jax.tree.leaves(state.mu))
     assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(state.nu))
     assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(state.nu_max))
-    updates, state2 = tx.update(_tree(jnp.bfloat16, 1e-4), state, params)
+    _, state2 = tx.update(_tree(jnp.bfloat16, 1e-4), state, params)
     assert _dtypes(state2) == _dtypes(state)
     # nu holds (1-b2) g^2 = 1e-11 in float32; stored as bf16 it would be far coarser.
     assert float(state2.nu["a"][0, 0]) == pytest.approx(1e-3 * (1e-4 * (1 + 2**-8)) ** 2, rel=2e-2)
