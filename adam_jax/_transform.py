@@ -195,7 +195,7 @@ def scale_by_adam(
       >>> tx = adam_jax.scale_by_adam()
       >>> state = tx.init({"w": jnp.zeros(3)})
       >>> u, state = tx.update({"w": jnp.ones(3)}, state)
-      >>> u["w"]
+      >>> u["w"].round(5)  # first step: m_hat = g, v_hat = g**2, so u = g / (|g| + eps)
       Array([1., 1., 1.], dtype=float32)
 
     References:
