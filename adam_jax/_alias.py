@@ -12,6 +12,7 @@ from typing import Any
 import optax
 from jax.typing import ArrayLike, DTypeLike
 
+from adam_jax._layout import Layout
 from adam_jax._transform import (
     ScalarOrSchedule,
     add_decayed_weights,
@@ -41,6 +42,7 @@ def adam(
     nesterov: bool = False,
     amsgrad: bool = False,
     nu_dtype: DTypeLike | None = None,
+    layout: Layout = "auto",
 ) -> optax.GradientTransformation:
     r"""Adam (Kingma & Ba, 2014), with optax's semantics.
 
@@ -58,7 +60,7 @@ def adam(
 
     Args:
       learning_rate: a float or an optax schedule :math:`\alpha_t`.
-      b1, b2, eps, eps_root, mu_dtype, nesterov, amsgrad, nu_dtype: see
+      b1, b2, eps, eps_root, mu_dtype, nesterov, amsgrad, nu_dtype, layout: see
         :func:`adam_jax.scale_by_adam`.
 
     Returns:
@@ -88,6 +90,7 @@ def adam(
         nesterov=nesterov,
         amsgrad=amsgrad,
         nu_dtype=nu_dtype,
+        layout=layout,
     )
 
 
@@ -104,6 +107,7 @@ def adamw(
     nesterov: bool = False,
     amsgrad: bool = False,
     nu_dtype: DTypeLike | None = None,
+    layout: Layout = "auto",
 ) -> optax.GradientTransformation:
     r"""AdamW: Adam with decoupled weight decay (Loshchilov & Hutter, 2019).
 
@@ -120,7 +124,7 @@ def adamw(
       weight_decay: :math:`\lambda`, a float or an optax schedule.
       mask: a pytree of bools (or a callable params -> such a tree) selecting
         which leaves decay; typically biases and norms are excluded.
-      nesterov, amsgrad, nu_dtype: see :func:`adam_jax.scale_by_adam`.
+      nesterov, amsgrad, nu_dtype, layout: see :func:`adam_jax.scale_by_adam`.
 
     Example:
       >>> import adam_jax
@@ -141,6 +145,7 @@ def adamw(
         nesterov=nesterov,
         amsgrad=amsgrad,
         nu_dtype=nu_dtype,
+        layout=layout,
     )
 
 
@@ -155,6 +160,7 @@ def nadam(
     nesterov: bool = True,
     amsgrad: bool = False,
     nu_dtype: DTypeLike | None = None,
+    layout: Layout = "auto",
 ) -> optax.GradientTransformation:
     r"""NAdam: Adam with Nesterov momentum (Dozat, 2016), in optax's form.
 
@@ -180,6 +186,7 @@ def nadam(
         nesterov=nesterov,
         amsgrad=amsgrad,
         nu_dtype=nu_dtype,
+        layout=layout,
     )
 
 
@@ -196,6 +203,7 @@ def nadamw(
     nesterov: bool = True,
     amsgrad: bool = False,
     nu_dtype: DTypeLike | None = None,
+    layout: Layout = "auto",
 ) -> optax.GradientTransformation:
     r"""NAdamW: :func:`adamw` with Nesterov momentum (Dozat 2016; Loshchilov & Hutter 2019).
 
@@ -219,6 +227,7 @@ def nadamw(
         nesterov=nesterov,
         amsgrad=amsgrad,
         nu_dtype=nu_dtype,
+        layout=layout,
     )
 
 
@@ -233,6 +242,7 @@ def amsgrad(
     bias_correction_nu: bool = True,
     *,
     nu_dtype: DTypeLike | None = None,
+    layout: Layout = "auto",
 ) -> optax.GradientTransformation:
     r"""AMSGrad (Reddi et al., 2018) with optax's semantics.
 
@@ -261,6 +271,7 @@ def amsgrad(
             mu_dtype,
             amsgrad=True,
             nu_dtype=nu_dtype,
+            layout=layout,
             bias_correction_mu=bias_correction_mu,
             bias_correction_nu=bias_correction_nu,
         ),

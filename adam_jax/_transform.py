@@ -9,6 +9,14 @@ import jax.numpy as jnp
 import optax
 from jax.typing import ArrayLike, DTypeLike
 
+from adam_jax._layout import (
+    DEFAULT_MAX_GROUPED_SIZE,
+    GroupedMoments,
+    Layout,
+    check_layout,
+    grouped_zeros,
+    make_plan,
+)
 from adam_jax._math import AmsgradMode, adam_leaf
 from adam_jax._numerics import (
     Convention,
@@ -74,6 +82,8 @@ def scale_by_adam_with_convention(
     convention: Convention = Convention.OPTAX,
     bias_correction_mu: bool = True,
     bias_correction_nu: bool = True,
+    layout: Layout = "auto",
+    max_grouped_size: int = DEFAULT_MAX_GROUPED_SIZE,
 ) -> optax.GradientTransformation:
     """:func:`scale_by_adam` with the convention and bias-correction switches exposed.
 
@@ -85,25 +95,38 @@ def scale_by_adam_with_convention(
     mu_dtype = _canonical_dtype(mu_dtype)
     nu_dtype = _canonical_dtype(nu_dtype)
     ams_mode = _amsgrad_mode(amsgrad, convention)
+    check_layout(layout)
+
+    def mu_dtype_of(param_dtype):
+        return mu_dtype or param_dtype
+
+    def nu_dtype_of(param_dtype):
+        return nu_dtype or default_nu_dtype(param_dtype)
 
     def init_fn(params) -> AdamState:
         check_inexact_leaves(params, name="params")
-
-        def nu_zeros(p):
-            return _zeros(p, nu_dtype or default_nu_dtype(p.dtype))
-
-        return AdamState(
-            count=jnp.zeros([], jnp.int32),
-            mu=jax.tree.map(lambda p: _zeros(p, mu_dtype or p.dtype), params),
-            nu=jax.tree.map(nu_zeros, params),
-            nu_max=jax.tree.map(nu_zeros, params) if amsgrad else None,
-        )
+        plan = None if layout == "per_leaf" else make_plan(params, max_grouped_size)
+        if plan is not None and (layout == "grouped" or plan.has_groups):
+            mu = grouped_zeros(params, plan, mu_dtype_of)
+            nu = grouped_zeros(params, plan, nu_dtype_of)
+            nu_max = grouped_zeros(params, plan, nu_dtype_of) if amsgrad else None
+        else:
+            mu = jax.tree.map(lambda p: _zeros(p, mu_dtype_of(p.dtype)), params)
+            nu = jax.tree.map(lambda p: _zeros(p, nu_dtype_of(p.dtype)), params)
+            nu_max = (
+                jax.tree.map(lambda p: _zeros(p, nu_dtype_of(p.dtype)), params) if amsgrad else None
+            )
+        return AdamState(count=jnp.zeros([], jnp.int32), mu=mu, nu=nu, nu_max=nu_max)
 
     def update_fn(updates, state: AdamState, params=None):
         del params
-        check_same_shapes(
-            updates, state.mu, name="grads", reference_name="the params of the optimizer state"
-        )
+        grouped = isinstance(state.mu, GroupedMoments)
+        if grouped:
+            state.mu.plan.check_leaves(updates, name="grads")
+        else:
+            check_same_shapes(
+                updates, state.mu, name="grads", reference_name="the params of the optimizer state"
+            )
         check_inexact_leaves(updates, name="grads")
         count_inc = safe_increment(state.count)
         coef = adam_coefficients(
@@ -124,9 +147,15 @@ def scale_by_adam_with_convention(
 
         treedef = jax.tree.structure(updates)
         gs = treedef.flatten_up_to(updates)
-        ms = treedef.flatten_up_to(state.mu)
-        vs = treedef.flatten_up_to(state.nu)
-        vmaxs = treedef.flatten_up_to(state.nu_max) if amsgrad else [None] * len(gs)
+        if grouped:
+            plan = state.mu.plan
+            gs = plan.gather(gs)
+            ms, vs = state.mu.buffers, state.nu.buffers
+            vmaxs = state.nu_max.buffers if amsgrad else [None] * len(gs)
+        else:
+            ms = treedef.flatten_up_to(state.mu)
+            vs = treedef.flatten_up_to(state.nu)
+            vmaxs = treedef.flatten_up_to(state.nu_max) if amsgrad else [None] * len(gs)
         out_u, out_m, out_v, out_vmax = [], [], [], []
         for g, m, v, vmax in zip(gs, ms, vs, vmaxs, strict=True):
             res = adam_leaf(g, m, v, vmax, coef=coef, amsgrad=ams_mode, **hyper)
@@ -134,11 +163,20 @@ def scale_by_adam_with_convention(
             out_m.append(res.mu.astype(m.dtype))
             out_v.append(res.nu.astype(v.dtype))
             out_vmax.append(None if vmax is None else res.nu_max.astype(vmax.dtype))
+
+        if grouped:
+
+            def pack(xs):
+                return GroupedMoments(xs, plan)
+
+            out_u = plan.scatter(out_u)
+        else:
+            pack = treedef.unflatten
         new_state = AdamState(
             count=count_inc,
-            mu=treedef.unflatten(out_m),
-            nu=treedef.unflatten(out_v),
-            nu_max=treedef.unflatten(out_vmax) if amsgrad else None,
+            mu=pack(out_m),
+            nu=pack(out_v),
+            nu_max=pack(out_vmax) if amsgrad else None,
         )
         return treedef.unflatten(out_u), new_state
 
@@ -155,6 +193,7 @@ def scale_by_adam(
     nesterov: bool = False,
     amsgrad: bool = False,
     nu_dtype: DTypeLike | None = None,
+    layout: Layout = "auto",
 ) -> optax.GradientTransformation:
     r"""Rescales updates by Adam's bias-corrected moment ratio (optax convention).
 
@@ -186,6 +225,11 @@ def scale_by_adam(
         uses the real dtype of the param, except float32 for float16 params
         (see :func:`default_nu_dtype`; optax keeps float16 and underflows).
         optax has no such option.
+      layout: ``"auto"`` (default) groups leaves of at most 2**15 elements
+        with equal dtype and placement into flat buffers, when there are
+        several; ``"grouped"`` always uses the grouped state; ``"per_leaf"``
+        keeps moments shaped like the params. Results are bitwise equal; only
+        speed and the state's layout differ (see :mod:`adam_jax._layout`).
 
     Returns:
       An ``optax.GradientTransformation`` with state :class:`AdamState`.
@@ -212,6 +256,7 @@ def scale_by_adam(
         nesterov=nesterov,
         amsgrad=amsgrad,
         nu_dtype=nu_dtype,
+        layout=layout,
     )
 
 

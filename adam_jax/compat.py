@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from adam_jax._layout import Layout
 from adam_jax._numerics import (
     Convention,
     compute_dtype,
@@ -81,6 +82,7 @@ def torch_adam(
     *,
     maximize: bool = False,
     decoupled_weight_decay: bool = False,
+    layout: Layout = "auto",
 ) -> optax.GradientTransformation:
     r"""``torch.optim.Adam``, with its names, defaults and semantics.
 
@@ -94,6 +96,7 @@ def torch_adam(
     * ``amsgrad`` keeps the max of the *raw* :math:`v_t`, then bias-corrects it
       (optax takes the max of the corrected value).
     * ``maximize`` ascends: the gradient is negated first.
+    * ``layout`` (adam_jax's own): see :func:`adam_jax.scale_by_adam`.
 
     Example:
       >>> from adam_jax.compat import torch_adam
@@ -110,7 +113,9 @@ def torch_adam(
     if has_decay and not decoupled_weight_decay:
         parts.append(add_decayed_weights(weight_decay))
     parts.append(
-        scale_by_adam_with_convention(b1, b2, eps, amsgrad=amsgrad, convention=Convention.TORCH)
+        scale_by_adam_with_convention(
+            b1, b2, eps, amsgrad=amsgrad, convention=Convention.TORCH, layout=layout
+        )
     )
     parts.append(scale_by_learning_rate(lr))
     if has_decay and decoupled_weight_decay:
@@ -126,6 +131,7 @@ def torch_adamw(
     amsgrad: bool = False,
     *,
     maximize: bool = False,
+    layout: Layout = "auto",
 ) -> optax.GradientTransformation:
     r"""``torch.optim.AdamW``: decoupled decay :math:`\theta \leftarrow \theta(1-\alpha\lambda)`.
 
@@ -145,6 +151,7 @@ def torch_adamw(
         amsgrad,
         maximize=maximize,
         decoupled_weight_decay=True,
+        layout=layout,
     )
 
 
@@ -155,6 +162,8 @@ def keras_adam(
     epsilon: float = 1e-7,
     amsgrad: bool = False,
     weight_decay: ScalarOrSchedule | None = None,
+    *,
+    layout: Layout = "auto",
 ) -> optax.GradientTransformation:
     r"""``keras.optimizers.Adam`` (Keras 3): the "epsilon hat" form.
 
@@ -177,7 +186,7 @@ def keras_adam(
     """
     parts = [
         scale_by_adam_with_convention(
-            beta_1, beta_2, epsilon, amsgrad=amsgrad, convention=Convention.KERAS
+            beta_1, beta_2, epsilon, amsgrad=amsgrad, convention=Convention.KERAS, layout=layout
         )
     ]
     if weight_decay is not None:

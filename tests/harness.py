@@ -162,8 +162,12 @@ def run_trajectory(
 
 
 def find_adam_state(state) -> adam_jax.AdamState | None:
-    """The first AdamState inside a (possibly chained) optimizer state."""
+    """The first AdamState inside a (possibly chained) optimizer state, moments params-shaped."""
     for node in jax.tree.leaves(state, is_leaf=lambda x: isinstance(x, adam_jax.AdamState)):
         if isinstance(node, adam_jax.AdamState):
-            return node
+            return node._replace(
+                mu=adam_jax.moments_as_tree(node.mu),
+                nu=adam_jax.moments_as_tree(node.nu),
+                nu_max=adam_jax.moments_as_tree(node.nu_max),
+            )
     return None

@@ -140,11 +140,14 @@ def test_out_of_range_hyperparameters_raise_at_construction(make, match):
 
 def test_init_on_abstract_params_via_eval_shape():
     abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, jnp.bfloat16), PARAMS)
-    state = jax.eval_shape(adam_jax.adamw(1e-3, amsgrad=True).init, abstract)
+    state = jax.eval_shape(adam_jax.adamw(1e-3, amsgrad=True, layout="per_leaf").init, abstract)
     inner = state[0]
     assert inner.mu["dense"]["kernel"].shape == (3, 2)
     assert inner.mu["dense"]["kernel"].dtype == jnp.bfloat16
     assert inner.nu_max["scale"].shape == ()
+    grouped = jax.eval_shape(adam_jax.adamw(1e-3, layout="grouped").init, abstract)[0]
+    (buffer,) = grouped.mu.buffers  # 6 + 2 + 1 elements, one bf16 group
+    assert buffer.shape == (9,) and buffer.dtype == jnp.bfloat16
 
 
 # ---------------------------------------------------------------- composition

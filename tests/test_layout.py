@@ -1,0 +1,129 @@
+"""Grouped layout: bitwise equal to per-leaf, mixed dtypes, checkpoint round-trip."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import adam_jax
+from adam_jax._layout import DEFAULT_MAX_GROUPED_SIZE, make_plan
+from adam_jax.compat import keras_adam, torch_adam, torch_adamw
+from tests.harness import find_adam_state
+
+
+def _mixed_tree():
+    rng = np.random.default_rng(0)
+
+    def a(shape, dtype):
+        return jnp.asarray(rng.normal(size=shape), dtype)
+
+    return {
+        "big": a((200, 200), jnp.float32),  # 40,000 > 2**15: stays per leaf
+        "small": [a((7,), jnp.float32), a((3, 5), jnp.float32), a((), jnp.float32)],
+        "half": {"w": a((4, 4), jnp.bfloat16), "b": a((4,), jnp.bfloat16)},
+    }
+
+
+def _run(tx, params, n=5):
+    state = tx.init(params)
+
+    @jax.jit
+    def step(params, state, i):
+        grads = jax.tree.map(lambda p: (jnp.sin(p.astype(jnp.float32) * i)).astype(p.dtype), params)
+        updates, state = tx.update(grads, state, params)
+        return optax.apply_updates(params, updates), state
+
+    for i in range(n):
+        params, state = step(params, state, jnp.float32(i + 1))
+    return params, state
+
+
+def test_plan_groups_small_leaves_by_dtype_and_keeps_large_ones_alone():
+    plan = make_plan(_mixed_tree())
+    leaves = jax.tree.leaves(_mixed_tree())
+    grouped = [p for p in plan.parts if p.grouped]
+    assert len(grouped) == 2  # one float32 group, one bfloat16 group
+    for part in grouped:
+        assert len({leaves[i].dtype for i in part.leaves}) == 1
+        assert all(leaves[i].size <= DEFAULT_MAX_GROUPED_SIZE for i in part.leaves)
+    big = [p for p in plan.parts if not p.grouped]
+    assert [leaves[p.leaves[0]].shape for p in big] == [(200, 200)]
+
+
+LAYOUT_CASES = {
+    "adam": lambda layout: adam_jax.adam(1e-2, layout=layout),
+    "adamw_schedule": lambda layout: adam_jax.adamw(
+        optax.cosine_decay_schedule(1e-2, 5), weight_decay=0.1, layout=layout
+    ),
+    "nadamw": lambda layout: adam_jax.nadamw(1e-2, layout=layout),
+    "amsgrad": lambda layout: adam_jax.amsgrad(1e-2, layout=layout),
+    "adam_mu_bf16": lambda layout: adam_jax.adam(1e-2, mu_dtype=jnp.bfloat16, layout=layout),
+    "torch_adam": lambda layout: torch_adam(
+        1e-2, weight_decay=0.1, amsgrad=True, maximize=True, layout=layout
+    ),
+    "torch_adamw": lambda layout: torch_adamw(1e-2, layout=layout),
+    "keras": lambda layout: keras_adam(1e-2, amsgrad=True, weight_decay=0.1, layout=layout),
+}
+
+
+@pytest.mark.parametrize("name", sorted(LAYOUT_CASES))
+def test_grouped_is_bitwise_equal_to_per_leaf(name):
+    params = _mixed_tree()
+    p1, s1 = _run(LAYOUT_CASES[name]("per_leaf"), params)
+    p2, s2 = _run(LAYOUT_CASES[name]("grouped"), params)
+    for a, b in zip(jax.tree.leaves(p1), jax.tree.leaves(p2), strict=True):
+        np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
+    m1, m2 = find_adam_state(s1), find_adam_state(s2)
+    for a, b in zip(jax.tree.leaves(m1), jax.tree.leaves(m2), strict=True):
+        np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
+    states = jax.tree.leaves(s2, is_leaf=lambda x: isinstance(x, adam_jax.AdamState))
+    assert any(
+        isinstance(x, adam_jax.AdamState) and isinstance(x.mu, adam_jax.GroupedMoments)
+        for x in states
+    )
+
+
+def test_auto_layout_keeps_param_shaped_state_when_nothing_to_group():
+    params = {"a": jnp.ones((300, 300)), "b": jnp.ones((400, 100))}
+    state = adam_jax.scale_by_adam().init(params)
+    assert state.mu["a"].shape == (300, 300)
+    state = adam_jax.scale_by_adam(layout="grouped").init(params)
+    assert isinstance(state.mu, adam_jax.GroupedMoments)
+
+
+def test_grouped_state_dtypes_and_bad_grads():
+    params = _mixed_tree()
+    tx = adam_jax.adam(1e-3, layout="grouped")
+    state = tx.init(params)
+    inner = state[0]
+    assert {b.dtype for b in inner.mu.buffers} == {jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16)}
+    bad = jax.tree.map(lambda x: x, params)
+    bad["small"][1] = jnp.ones((5, 3), jnp.float32)
+    with pytest.raises(ValueError, match=r"\['small'\]\[1\].*\(5, 3\).*\(3, 5\)"):
+        tx.update(bad, state, params)
+    with pytest.raises(ValueError, match="leaves"):
+        tx.update({"big": params["big"]}, state, params)
+
+
+def test_grouped_state_checkpoint_round_trip(tmp_path):
+    ocp = pytest.importorskip("orbax.checkpoint")
+    params = _mixed_tree()
+    tx = adam_jax.adamw(1e-3, amsgrad=True, layout="grouped")
+    params, state = _run(tx, params, n=3)
+    with ocp.StandardCheckpointer() as ckptr:
+        ckptr.save(tmp_path / "state", state)
+    target = jax.eval_shape(tx.init, params)
+    with ocp.StandardCheckpointer() as ckptr:
+        restored = ckptr.restore(tmp_path / "state", target)
+    assert jax.tree.structure(restored) == jax.tree.structure(state)
+    for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(state), strict=True):
+        np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
+    # Training continues identically from the restored state.
+    grads = jax.tree.map(jnp.ones_like, params)
+    u1, _ = tx.update(grads, state, params)
+    u2, _ = tx.update(grads, restored, params)
+    for a, b in zip(jax.tree.leaves(u1), jax.tree.leaves(u2), strict=True):
+        np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
