@@ -82,7 +82,7 @@ def scale_by_adam_with_convention(
     convention: Convention = Convention.OPTAX,
     bias_correction_mu: bool = True,
     bias_correction_nu: bool = True,
-    layout: Layout = "auto",
+    layout: Layout = "per_leaf",
     max_grouped_size: int = DEFAULT_MAX_GROUPED_SIZE,
 ) -> optax.GradientTransformation:
     """:func:`scale_by_adam` with the convention and bias-correction switches exposed.
@@ -169,7 +169,10 @@ def scale_by_adam_with_convention(
             def pack(xs):
                 return GroupedMoments(xs, plan)
 
-            out_u = plan.scatter(out_u)
+            # Materialise the flat update before splitting it: without the
+            # barrier XLA fuses every slice with the whole update expression
+            # (and its concatenation), which is quadratic to compile.
+            out_u = plan.scatter(jax.lax.optimization_barrier(out_u))
         else:
             pack = treedef.unflatten
         new_state = AdamState(
@@ -193,7 +196,7 @@ def scale_by_adam(
     nesterov: bool = False,
     amsgrad: bool = False,
     nu_dtype: DTypeLike | None = None,
-    layout: Layout = "auto",
+    layout: Layout = "per_leaf",
 ) -> optax.GradientTransformation:
     r"""Rescales updates by Adam's bias-corrected moment ratio (optax convention).
 
@@ -225,11 +228,11 @@ def scale_by_adam(
         uses the real dtype of the param, except float32 for float16 params
         (see :func:`default_nu_dtype`; optax keeps float16 and underflows).
         optax has no such option.
-      layout: ``"auto"`` (default) groups leaves of at most 2**15 elements
-        with equal dtype and placement into flat buffers, when there are
-        several; ``"grouped"`` always uses the grouped state; ``"per_leaf"``
-        keeps moments shaped like the params. Results are bitwise equal; only
-        speed and the state's layout differ (see :mod:`adam_jax._layout`).
+      layout: ``"per_leaf"`` (default) keeps moments shaped like the params;
+        ``"grouped"`` concatenates leaves of at most 2**15 elements with equal
+        dtype and placement into flat buffers; ``"auto"`` groups only when
+        there are several such leaves. Results are bitwise equal; speed, compile
+        time and the state's layout differ (see :mod:`adam_jax._layout`).
 
     Returns:
       An ``optax.GradientTransformation`` with state :class:`AdamState`.

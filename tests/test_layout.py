@@ -88,8 +88,11 @@ def test_grouped_is_bitwise_equal_to_per_leaf(name):
 
 def test_auto_layout_keeps_param_shaped_state_when_nothing_to_group():
     params = {"a": jnp.ones((300, 300)), "b": jnp.ones((400, 100))}
-    state = adam_jax.scale_by_adam().init(params)
+    state = adam_jax.scale_by_adam(layout="auto").init(params)
     assert state.mu["a"].shape == (300, 300)
+    small = {"a": jnp.ones(3), "b": jnp.ones(4)}
+    assert isinstance(adam_jax.scale_by_adam(layout="auto").init(small).mu, adam_jax.GroupedMoments)
+    assert adam_jax.scale_by_adam().init(small).mu["a"].shape == (3,)  # default: per leaf
     state = adam_jax.scale_by_adam(layout="grouped").init(params)
     assert isinstance(state.mu, adam_jax.GroupedMoments)
 
