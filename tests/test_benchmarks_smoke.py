@@ -1,0 +1,83 @@
+"""Smoke test of the benchmark harness: tiny shapes, outputs well formed, no timing claims."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+JAX_METHODS = {"adam_jax", "optax", "optax_flatten", "flat_buffer"}
+TORCH_METHODS = {"torch_single", "torch_foreach", "torch_fused"}
+HAS_TORCH = importlib.util.find_spec("torch") is not None
+QUICK = ["--quick", "--repeats", "2", "--min-repeat-ms", "1", "--triad-n", "100000"]
+
+
+def _run(args: list[str], *, block_torch: bool = False) -> None:
+    code = (
+        "import sys; sys.modules['torch'] = None; " if block_torch else "import sys; "
+    ) + "from benchmarks.adam_bench import main; sys.exit(main(sys.argv[1:]))"
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run(
+        [sys.executable, "-c", code, *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+
+def _check_results(out: pathlib.Path, shapes: list[str], methods: set[str]) -> dict:
+    results = json.loads((out / "results.json").read_text())
+    for key in ("machine", "versions", "triad", "shapes", "methods", "config", "command"):
+        assert key in results
+    assert results["triad"]["gbps"] > 0
+    assert results["triad"]["roofline_mparams_per_s"] > 0
+    assert [s["name"] for s in results["shapes"]] == shapes
+    for shape in results["shapes"]:
+        assert shape["params"] > 0 and shape["leaves"] > 0
+        assert set(shape["results"]) == set(results["methods"]), shape["skipped"]
+        assert methods <= set(shape["results"])
+        for res in shape["results"].values():
+            for key in ("ms_per_step", "mparams_per_s", "roofline_fraction", "ratio_vs_optax"):
+                assert res[key] > 0, key
+            assert len(res["repeat_ms_per_step"]) == 2
+            assert all(t > 0 for t in res["repeat_ms_per_step"])
+            assert all(v > 0 for v in res["setup"].values())
+    markdown = (out / "results.md").read_text()
+    assert "| shape | leaves | params |" in markdown
+    for name in results["methods"]:
+        assert f"`{name}`" in markdown
+    return results
+
+
+def test_quick_run_writes_well_formed_results(tmp_path):
+    shapes = ["leaf_1e4", "mnist_cnn"]
+    _run([*QUICK, "--shapes", ",".join(shapes), "--out", str(tmp_path)])
+    methods = JAX_METHODS | (TORCH_METHODS if HAS_TORCH else set())
+    results = _check_results(tmp_path, shapes, methods)
+    e2e = results["end_to_end"]["results"]
+    assert {"adam_jax", "optax"} <= set(e2e)
+    assert all(r["ms_per_step"] > 0 and r["compile_s"] > 0 for r in e2e.values())
+    if HAS_TORCH:
+        for shape in results["shapes"]:
+            assert shape["results"]["torch_fused"]["ratio_vs_torch_fused"] == pytest.approx(1.0)
+    assert (tmp_path / "throughput.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_torch_methods_skipped_cleanly_without_torch(tmp_path):
+    _run(
+        [*QUICK, "--shapes", "leaf_1e4", "--no-e2e", "--no-plot", "--out", str(tmp_path)],
+        block_torch=True,
+    )
+    results = _check_results(tmp_path, ["leaf_1e4"], JAX_METHODS)
+    assert set(results["skipped_methods"]) == TORCH_METHODS
+    assert not TORCH_METHODS & set(results["methods"])
+    assert results["versions"]["torch"] is None
