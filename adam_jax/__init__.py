@@ -7,6 +7,7 @@ scalar math whatever the param dtype; clear errors on bad input.
 from adam_jax import compat
 from adam_jax._alias import adam, adamw, amsgrad, nadam, nadamw
 from adam_jax._layout import GroupedMoments, moments_as_tree
+from adam_jax._packing import ParamPacker
 from adam_jax._state import AdamState
 from adam_jax._transform import (
     add_decayed_weights,
@@ -19,6 +20,7 @@ __version__ = "0.1.0"
 __all__ = [
     "AdamState",
     "GroupedMoments",
+    "ParamPacker",
     "adam",
     "adamw",
     "add_decayed_weights",

@@ -127,15 +127,26 @@ class GroupPlan:
         return leaves
 
 
-def make_plan(params, max_grouped_size: int = DEFAULT_MAX_GROUPED_SIZE) -> GroupPlan:
-    """Groups the small leaves of ``params`` by (dtype, placement); large leaves stay alone."""
+def make_plan(
+    params,
+    max_grouped_size: int | None = DEFAULT_MAX_GROUPED_SIZE,
+    group_fn: Callable[[Any, Any], Any] | None = None,
+) -> GroupPlan:
+    """Groups the small leaves of ``params`` by (dtype, placement); large leaves stay alone.
+
+    ``max_grouped_size=None`` groups leaves of any size; ``group_fn(path, leaf)``
+    adds its result to the grouping key.
+    """
     with_paths, treedef = jax.tree_util.tree_flatten_with_path(params)
     leaves = [leaf for _, leaf in with_paths]
     groups: dict[Any, list[int]] = {}
     singles: list[int] = []
-    for i, leaf in enumerate(leaves):
+    for i, (path, leaf) in enumerate(with_paths):
         key = (jnp.dtype(leaf.dtype).name, _placement_key(leaf))
-        if math.prod(leaf.shape) <= max_grouped_size and key[1] != "sharded":
+        if group_fn is not None:
+            key = (*key, group_fn(path, leaf))
+        small = max_grouped_size is None or math.prod(leaf.shape) <= max_grouped_size
+        if small and key[1] != "sharded":
             groups.setdefault(key, []).append(i)
         else:
             singles.append(i)
