@@ -7,6 +7,8 @@ conventions, real torch and ours against torch.
 
 from __future__ import annotations
 
+import pytest
+
 from tests.harness import CASES, run_trajectory
 from tests.reference import make_problem, max_rel_error, reference_trajectory
 
@@ -15,7 +17,7 @@ def main() -> None:
     params0, grads = make_problem()
     try:
         from tests.test_torch import TORCH_CASES, torch_trajectory
-    except Exception:  # torch absent
+    except (ImportError, pytest.skip.Exception):  # torch absent: importorskip skips
         TORCH_CASES, torch_trajectory = {}, None
     print("| config | adam_jax vs f64 | optax vs f64 | torch vs f64 | adam_jax vs torch |")
     print("| --- | --- | --- | --- | --- |")
