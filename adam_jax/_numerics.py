@@ -123,8 +123,9 @@ def adam_coefficients(
       :math:`c_g = (1-\\beta_1)/(1-\\beta_1^t)`;
     * Keras: :math:`c_m = \\sqrt{1-\\beta_2^t}/(1-\\beta_1^t)`, :math:`c_v = 1`.
     """
+    # b1 and b2 stay as given (host numbers where possible) so that the
+    # bias corrections and 1 - b1 are formed in float64 on the host.
     one = jnp.ones((), SCALAR_DTYPE)
-    b1 = to_scalar(b1)
     bc1 = bias_correction(b1, count_inc) if bias_correction_mu else one
     bc2 = bias_correction(b2, count_inc) if bias_correction_nu else one
     c_g = None
@@ -132,7 +133,7 @@ def adam_coefficients(
         return AdamCoefficients(c_m=jnp.sqrt(bc2) / bc1, c_g=None, c_v=one)
     if nesterov:
         bc1_next = bias_correction(b1, safe_increment(count_inc)) if bias_correction_mu else one
-        c_m = b1 / bc1_next
+        c_m = to_scalar(b1) / bc1_next
         c_g = one_minus(b1) / bc1
     else:
         c_m = one / bc1
