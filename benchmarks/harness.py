@@ -89,15 +89,20 @@ def _cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-def _meminfo(key: str) -> int | None:
+def _proc_bytes(path: str, key: str) -> int | None:
+    """A ``key: N kB`` line of a /proc file, in bytes (None where there is no /proc)."""
     try:
-        with open("/proc/meminfo") as f:
+        with open(path) as f:
             for line in f:
                 if line.startswith(key + ":"):
                     return int(line.split()[1]) * 1024
     except OSError:
         pass
     return None
+
+
+def _meminfo(key: str) -> int | None:
+    return _proc_bytes("/proc/meminfo", key)
 
 
 def machine_slug(device: str) -> str:
@@ -183,14 +188,7 @@ class PeakMemory:
 
     @staticmethod
     def _status(key: str) -> int | None:
-        try:
-            with open("/proc/self/status") as f:
-                for line in f:
-                    if line.startswith(key + ":"):
-                        return int(line.split()[1]) * 1024
-        except OSError:
-            pass
-        return None
+        return _proc_bytes("/proc/self/status", key)
 
     def reset(self) -> None:
         if self.device == "cpu":
