@@ -138,30 +138,17 @@ def markdown(results: dict[str, Any]) -> str:
             f"interleaved; scope: {scope}), and RSS after its buffers were freed. A per-method "
             "peak cannot be separated in one process.\n"
         )
-        rows = [
-            [
-                s["label"],
-                f"{s['params']:,}",
-                _bytes(s["memory"].get("peak_rss_bytes")),
-                _bytes(s["memory"].get("rss_or_in_use_after_free_bytes")),
-                str(len(s["groups"])),
-            ]
-            for s in results["shapes"]
-        ]
-        add(_table(["shape", "params", "peak RSS", "RSS after free", "method groups"], rows))
+        columns = {"peak RSS": "peak_rss_bytes", "RSS after free": "rss_or_in_use_after_free_bytes"}
     else:
         add("JAX `peak_bytes_in_use` (process lifetime) and torch peak allocated (per shape).\n")
-        rows = [
-            [
-                s["label"],
-                f"{s['params']:,}",
-                _bytes(s["memory"].get("jax_peak_bytes_in_use")),
-                _bytes(s["memory"].get("torch_peak_bytes")),
-                str(len(s["groups"])),
-            ]
-            for s in results["shapes"]
-        ]
-        add(_table(["shape", "params", "JAX peak", "torch peak", "method groups"], rows))
+        columns = {"JAX peak": "jax_peak_bytes_in_use", "torch peak": "torch_peak_bytes"}
+    rows = [
+        [s["label"], f"{s['params']:,}"]
+        + [_bytes(s["memory"].get(key)) for key in columns.values()]
+        + [str(len(s["groups"]))]
+        for s in results["shapes"]
+    ]
+    add(_table(["shape", "params", *columns, "method groups"], rows))
     skipped = {s["name"]: s["skipped"] for s in results["shapes"] if s["skipped"]}
     if skipped:
         add(f"\nSkipped per shape: {skipped}")
