@@ -42,7 +42,7 @@ def adam(
     nesterov: bool = False,
     amsgrad: bool = False,
     nu_dtype: DTypeLike | None = None,
-    layout: Layout = "per_leaf",
+    layout: Layout = "auto",
 ) -> optax.GradientTransformation:
     r"""Adam (Kingma & Ba, 2014), with optax's semantics.
 
@@ -107,7 +107,7 @@ def adamw(
     nesterov: bool = False,
     amsgrad: bool = False,
     nu_dtype: DTypeLike | None = None,
-    layout: Layout = "per_leaf",
+    layout: Layout = "auto",
 ) -> optax.GradientTransformation:
     r"""AdamW: Adam with decoupled weight decay (Loshchilov & Hutter, 2019).
 
@@ -160,7 +160,7 @@ def nadam(
     nesterov: bool = True,
     amsgrad: bool = False,
     nu_dtype: DTypeLike | None = None,
-    layout: Layout = "per_leaf",
+    layout: Layout = "auto",
 ) -> optax.GradientTransformation:
     r"""NAdam: Adam with Nesterov momentum (Dozat, 2016), in optax's form.
 
@@ -203,7 +203,7 @@ def nadamw(
     nesterov: bool = True,
     amsgrad: bool = False,
     nu_dtype: DTypeLike | None = None,
-    layout: Layout = "per_leaf",
+    layout: Layout = "auto",
 ) -> optax.GradientTransformation:
     r"""NAdamW: :func:`adamw` with Nesterov momentum (Dozat 2016; Loshchilov & Hutter 2019).
 
@@ -242,7 +242,7 @@ def amsgrad(
     bias_correction_nu: bool = True,
     *,
     nu_dtype: DTypeLike | None = None,
-    layout: Layout = "per_leaf",
+    layout: Layout = "auto",
 ) -> optax.GradientTransformation:
     r"""AMSGrad (Reddi et al., 2018) with optax's semantics.
 

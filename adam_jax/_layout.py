@@ -23,6 +23,8 @@ from typing import Any, Literal
 import jax
 import jax.numpy as jnp
 
+from adam_jax._sharding import placement_key, zeros_like_param
+
 Layout = Literal["auto", "per_leaf", "grouped"]
 LAYOUTS = ("auto", "per_leaf", "grouped")
 
@@ -36,24 +38,6 @@ DEFAULT_MAX_GROUPED_SIZE = 2**15
 def check_layout(layout: str) -> None:
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}.")
-
-
-def _placement_key(leaf) -> Any:
-    """Where a leaf lives: ``None`` if unknown (a tracer), else a hashable key.
-
-    Fully replicated leaves on the same devices share a key. Any other sharding
-    returns ``"sharded"``: such a leaf is never concatenated with another (that
-    would reshard it; optax.flatten does exactly that).
-    """
-    try:
-        sharding = leaf.sharding
-    except Exception:  # tracers have no concrete sharding
-        return None
-    if sharding is None:
-        return None
-    if sharding.is_fully_replicated:
-        return ("replicated", tuple(sorted(d.id for d in sharding.device_set)))
-    return "sharded"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -142,7 +126,7 @@ def make_plan(
     groups: dict[Any, list[int]] = {}
     singles: list[int] = []
     for i, (path, leaf) in enumerate(with_paths):
-        key = (jnp.dtype(leaf.dtype).name, _placement_key(leaf))
+        key = (jnp.dtype(leaf.dtype).name, placement_key(leaf))
         if group_fn is not None:
             key = (*key, group_fn(path, leaf))
         small = max_grouped_size is None or math.prod(leaf.shape) <= max_grouped_size
@@ -197,8 +181,26 @@ def moments_as_tree(moments):
     return moments.to_tree() if isinstance(moments, GroupedMoments) else moments
 
 
+def use_grouped_plan(params, layout: str, max_grouped_size: int | None) -> GroupPlan | None:
+    """The plan to use for ``params`` under ``layout``, or ``None`` for per-leaf moments.
+
+    ``"grouped"`` always groups. ``"auto"`` groups only on a single device and
+    only when at least two small leaves share a buffer: with several devices the
+    state's layout would depend on whether ``init`` ran eagerly or under ``jit``
+    (where placement may be unknown), so ``"auto"`` keeps it per-leaf there.
+    """
+    if layout == "per_leaf":
+        return None
+    if layout == "auto" and jax.device_count() > 1:
+        return None
+    plan = make_plan(params, max_grouped_size)
+    if layout == "auto" and not plan.has_groups:
+        return None
+    return plan
+
+
 def grouped_zeros(params, plan: GroupPlan, dtype_fn: Callable[[Any], Any]) -> GroupedMoments:
     """Zero moments in the grouped layout; ``dtype_fn(param_dtype)`` picks the storage dtype."""
     leaves = jax.tree.leaves(params)
-    zeros = [jnp.zeros_like(p, dtype=dtype_fn(p.dtype)) for p in leaves]
+    zeros = [zeros_like_param(p, dtype_fn(p.dtype)) for p in leaves]
     return GroupedMoments(plan.gather(zeros), plan)

@@ -15,7 +15,7 @@ from adam_jax._layout import (
     Layout,
     check_layout,
     grouped_zeros,
-    make_plan,
+    use_grouped_plan,
 )
 from adam_jax._math import AmsgradMode, adam_leaf
 from adam_jax._numerics import (
@@ -28,6 +28,7 @@ from adam_jax._numerics import (
     safe_increment,
     to_scalar,
 )
+from adam_jax._sharding import zeros_like_param
 from adam_jax._state import AdamState
 from adam_jax._validate import (
     check_adam_hyperparams,
@@ -43,11 +44,6 @@ def _canonical_dtype(dtype: DTypeLike | None):
     if dtype is None:
         return None
     return jax.dtypes.canonicalize_dtype(dtype)
-
-
-def _zeros(leaf, dtype) -> jax.Array:
-    # zeros_like keeps the leaf's sharding under jit.
-    return jnp.zeros_like(leaf, dtype=dtype)
 
 
 def default_nu_dtype(param_dtype) -> jnp.dtype:
@@ -82,7 +78,7 @@ def scale_by_adam_with_convention(
     convention: Convention = Convention.OPTAX,
     bias_correction_mu: bool = True,
     bias_correction_nu: bool = True,
-    layout: Layout = "per_leaf",
+    layout: Layout = "auto",
     max_grouped_size: int = DEFAULT_MAX_GROUPED_SIZE,
 ) -> optax.GradientTransformation:
     """:func:`scale_by_adam` with the convention and bias-correction switches exposed.
@@ -105,16 +101,18 @@ def scale_by_adam_with_convention(
 
     def init_fn(params) -> AdamState:
         check_inexact_leaves(params, name="params")
-        plan = None if layout == "per_leaf" else make_plan(params, max_grouped_size)
-        if plan is not None and (layout == "grouped" or plan.has_groups):
+        plan = use_grouped_plan(params, layout, max_grouped_size)
+        if plan is not None:
             mu = grouped_zeros(params, plan, mu_dtype_of)
             nu = grouped_zeros(params, plan, nu_dtype_of)
             nu_max = grouped_zeros(params, plan, nu_dtype_of) if amsgrad else None
         else:
-            mu = jax.tree.map(lambda p: _zeros(p, mu_dtype_of(p.dtype)), params)
-            nu = jax.tree.map(lambda p: _zeros(p, nu_dtype_of(p.dtype)), params)
+            mu = jax.tree.map(lambda p: zeros_like_param(p, mu_dtype_of(p.dtype)), params)
+            nu = jax.tree.map(lambda p: zeros_like_param(p, nu_dtype_of(p.dtype)), params)
             nu_max = (
-                jax.tree.map(lambda p: _zeros(p, nu_dtype_of(p.dtype)), params) if amsgrad else None
+                jax.tree.map(lambda p: zeros_like_param(p, nu_dtype_of(p.dtype)), params)
+                if amsgrad
+                else None
             )
         return AdamState(count=jnp.zeros([], jnp.int32), mu=mu, nu=nu, nu_max=nu_max)
 
@@ -196,7 +194,7 @@ def scale_by_adam(
     nesterov: bool = False,
     amsgrad: bool = False,
     nu_dtype: DTypeLike | None = None,
-    layout: Layout = "per_leaf",
+    layout: Layout = "auto",
 ) -> optax.GradientTransformation:
     r"""Rescales updates by Adam's bias-corrected moment ratio (optax convention).
 
@@ -228,11 +226,12 @@ def scale_by_adam(
         uses the real dtype of the param, except float32 for float16 params
         (see :func:`default_nu_dtype`; optax keeps float16 and underflows).
         optax has no such option.
-      layout: ``"per_leaf"`` (default) keeps moments shaped like the params;
-        ``"grouped"`` concatenates leaves of at most 2**15 elements with equal
-        dtype and placement into flat buffers; ``"auto"`` groups only when
-        there are several such leaves. Results are bitwise equal; speed, compile
-        time and the state's layout differ (see :mod:`adam_jax._layout`).
+      layout: ``"auto"`` (default) groups leaves of at most 2**15 elements with
+        equal dtype and placement into flat buffers when there are several such
+        leaves and one device, else keeps moments shaped like the params;
+        ``"per_leaf"`` and ``"grouped"`` force either. Results are bitwise equal;
+        speed, compile time and the state's layout differ (see
+        :mod:`adam_jax._layout`).
 
     Returns:
       An ``optax.GradientTransformation`` with state :class:`AdamState`.

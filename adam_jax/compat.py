@@ -82,7 +82,7 @@ def torch_adam(
     *,
     maximize: bool = False,
     decoupled_weight_decay: bool = False,
-    layout: Layout = "per_leaf",
+    layout: Layout = "auto",
 ) -> optax.GradientTransformation:
     r"""``torch.optim.Adam``, with its names, defaults and semantics.
 
@@ -131,7 +131,7 @@ def torch_adamw(
     amsgrad: bool = False,
     *,
     maximize: bool = False,
-    layout: Layout = "per_leaf",
+    layout: Layout = "auto",
 ) -> optax.GradientTransformation:
     r"""``torch.optim.AdamW``: decoupled decay :math:`\theta \leftarrow \theta(1-\alpha\lambda)`.
 
@@ -163,7 +163,7 @@ def keras_adam(
     amsgrad: bool = False,
     weight_decay: ScalarOrSchedule | None = None,
     *,
-    layout: Layout = "per_leaf",
+    layout: Layout = "auto",
 ) -> optax.GradientTransformation:
     r"""``keras.optimizers.Adam`` (Keras 3): the "epsilon hat" form.
 

@@ -92,7 +92,8 @@ def test_auto_layout_keeps_param_shaped_state_when_nothing_to_group():
     assert state.mu["a"].shape == (300, 300)
     small = {"a": jnp.ones(3), "b": jnp.ones(4)}
     assert isinstance(adam_jax.scale_by_adam(layout="auto").init(small).mu, adam_jax.GroupedMoments)
-    assert adam_jax.scale_by_adam().init(small).mu["a"].shape == (3,)  # default: per leaf
+    assert isinstance(adam_jax.adam(1e-3).init(small)[0].mu, adam_jax.GroupedMoments)  # default
+    assert adam_jax.scale_by_adam(layout="per_leaf").init(small).mu["a"].shape == (3,)
     state = adam_jax.scale_by_adam(layout="grouped").init(params)
     assert isinstance(state.mu, adam_jax.GroupedMoments)
 

@@ -1,0 +1,263 @@
+"""Where optimizer state lives on a mesh. No math here.
+
+* :func:`placement_key`: which leaves may share a grouped buffer (same dtype and
+  the same *replicated* placement; a sharded leaf never shares one).
+* :func:`zeros_like_param`: zero moments that take their param's sharding, also
+  under ``jit`` on meshes with ``Auto`` axes, where plain ``zeros_like`` has no
+  data dependence on the param and XLA would put it on one device.
+* :func:`state_shardings`: the shardings of ``tx.init(params)`` without running
+  it, for ``jax.jit(tx.init, out_shardings=...)`` and for restoring checkpoints.
+* :func:`shard_state`: ZeRO-1, moments partitioned over a data-parallel axis.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Hashable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
+
+# ----------------------------------------------------------------------------- placement
+
+
+def _is_tracer(x) -> bool:
+    return isinstance(x, jax.core.Tracer)
+
+
+def _traced_sharding(x):
+    """The sharding in a tracer's type, or ``None`` (older JAX, no mesh)."""
+    try:
+        return jax.typeof(x).sharding
+    except Exception:  # pragma: no cover - depends on the JAX version
+        return None
+
+
+def _has_explicit_axes(mesh) -> bool:
+    return any(t == AxisType.Explicit for t in getattr(mesh, "axis_types", ()))
+
+
+def placement_key(leaf) -> Hashable | None:
+    """Where a leaf lives, as a hashable key; ``None`` when unknown.
+
+    * concrete array: ``("replicated", device ids)`` when fully replicated
+      (a single-device array included), else ``"sharded"``;
+    * tracer on a mesh with ``Explicit`` axes: the sharding is in its type, so
+      ``("replicated", mesh)`` or ``"sharded"``;
+    * other tracers (``Auto`` axes, or no mesh): ``None``.
+
+    A ``"sharded"`` leaf is never concatenated with another: that would reshard
+    it on every step (which is what ``optax.flatten`` does).
+    """
+    if _is_tracer(leaf):
+        sharding = _traced_sharding(leaf)
+        mesh = getattr(sharding, "mesh", None)
+        if sharding is None or not _has_explicit_axes(mesh):
+            return None
+        if all(axis is None for axis in sharding.spec):
+            return ("replicated", mesh.axis_names, tuple(mesh.axis_sizes))
+        return "sharded"
+    sharding = getattr(leaf, "sharding", None)
+    if sharding is None:
+        return None
+    if sharding.is_fully_replicated:
+        return ("replicated", tuple(sorted(d.id for d in sharding.device_set)))
+    return "sharded"
+
+
+def zeros_like_param(param, dtype) -> jax.Array:
+    """Zeros of ``param``'s shape in ``dtype``, sharded like ``param``.
+
+    Concrete params: ``zeros_like`` already uses their sharding. Under ``jit``
+    the zeros are tied to the param by a select whose predicate is constant
+    false, so sharding propagation gives them the param's sharding; XLA folds
+    the select away, and no NaN or Inf in the param can leak into the zeros.
+    """
+    zeros = jnp.zeros_like(param, dtype=dtype)
+    if not _is_tracer(param):
+        return zeros
+    source = param
+    if jnp.iscomplexobj(param) and not jnp.issubdtype(dtype, jnp.complexfloating):
+        source = jnp.real(param)
+    return jnp.where(jnp.zeros_like(param, dtype=bool), source.astype(dtype), zeros)
+
+
+def state_shardings(tx: optax.GradientTransformation, params: Any) -> Any:
+    """The sharding of every leaf of ``tx.init(params)``, found by compiling, not running, it.
+
+    ``params`` may be arrays or ``jax.ShapeDtypeStruct`` with a ``sharding``, so
+    the state never has to exist to be laid out::
+
+      shardings = adam_jax.state_shardings(tx, abstract_params)
+      opt_state = jax.jit(tx.init, out_shardings=shardings)(params)
+
+    The same tree is the restore target's sharding for orbax checkpoints.
+    """
+    return jax.jit(tx.init).lower(params).compile().output_shardings
+
+
+# ----------------------------------------------------------------------------- ZeRO-1
+
+
+def _spec_entries(spec: PartitionSpec, ndim: int) -> list:
+    entries = list(spec) + [None] * (ndim - len(spec))
+    return entries[:ndim]
+
+
+def _axes_of(entry) -> tuple[str, ...]:
+    if entry is None:
+        return ()
+    return tuple(entry) if isinstance(entry, tuple) else (entry,)
+
+
+def zero_spec(shape: tuple[int, ...], spec: PartitionSpec, mesh: Mesh, axis_name: str):
+    """``spec`` with ``axis_name`` added on the first dimension that divides evenly.
+
+    An unsharded dimension is preferred; otherwise ``axis_name`` is appended to
+    a sharded one. A leaf already sharded over ``axis_name`` (FSDP) or too small
+    to divide (a bias of 10 on 8 devices) keeps ``spec``.
+    """
+    entries = _spec_entries(spec, len(shape))
+    if any(axis_name in _axes_of(e) for e in entries):
+        return PartitionSpec(*entries)
+    size = mesh.shape[axis_name]
+    for d, entry in enumerate(entries):
+        if entry is None and shape[d] % size == 0:
+            entries[d] = axis_name
+            return PartitionSpec(*entries)
+    for d, entry in enumerate(entries):
+        axes = _axes_of(entry)
+        if axes and shape[d] % (size * math.prod(mesh.shape[a] for a in axes)) == 0:
+            entries[d] = (*axes, axis_name)
+            return PartitionSpec(*entries)
+    return PartitionSpec(*entries)
+
+
+def _param_spec(leaf, path: str, mesh: Mesh) -> PartitionSpec:
+    """The PartitionSpec of a param; replicated when it has none (a tracer on ``Auto`` axes)."""
+    sharding = _traced_sharding(leaf) if _is_tracer(leaf) else getattr(leaf, "sharding", None)
+    spec = getattr(sharding, "spec", None)
+    if spec is None:
+        return PartitionSpec()
+    leaf_mesh = sharding.mesh
+    if tuple(leaf_mesh.axis_names) and (
+        tuple(leaf_mesh.axis_names) != tuple(mesh.axis_names)
+        or tuple(leaf_mesh.axis_sizes) != tuple(mesh.axis_sizes)
+    ):
+        raise ValueError(
+            f"Param {path} is sharded on a mesh with axes {dict(leaf_mesh.shape)}, but "
+            f"shard_state was given a mesh with axes {dict(mesh.shape)}."
+        )
+    return PartitionSpec(*_spec_entries(spec, jnp.ndim(leaf)))
+
+
+def _constrain(x, mesh: Mesh, spec: PartitionSpec):
+    """Puts ``x`` on ``NamedSharding(mesh, spec)``: eagerly, or as a constraint under ``jit``."""
+    sharding = NamedSharding(mesh, spec)
+    if not _is_tracer(x):
+        return jax.device_put(x, sharding)
+    if _has_explicit_axes(mesh):
+        return jax.sharding.reshard(x, sharding)
+    return jax.lax.with_sharding_constraint(x, sharding)
+
+
+class LeafSpecs(NamedTuple):
+    """Static per-leaf placement of a ZeRO-1 state: the param's spec and the moments'."""
+
+    param: PartitionSpec
+    state: PartitionSpec
+
+
+@jax.tree_util.register_pytree_with_keys_class
+class ShardedState:
+    """State of :func:`shard_state`: the inner state, plus the static specs in aux data."""
+
+    def __init__(self, inner: Any, specs: tuple[LeafSpecs, ...]):
+        self.inner = inner
+        self.specs = specs
+
+    def tree_flatten_with_keys(self):
+        return [(jax.tree_util.GetAttrKey("inner"), self.inner)], self.specs
+
+    def tree_flatten(self):
+        return (self.inner,), self.specs
+
+    @classmethod
+    def tree_unflatten(cls, specs, children):
+        return cls(children[0], specs)
+
+    def __repr__(self) -> str:
+        return f"ShardedState(inner={self.inner!r})"
+
+
+def shard_state(
+    tx: optax.GradientTransformation, mesh: Mesh, axis_name: str
+) -> optax.GradientTransformation:
+    r"""ZeRO-1: partitions ``tx``'s state over the mesh axis ``axis_name``.
+
+    For data parallelism the params are replicated over ``axis_name``; their
+    moments need not be. Each moment leaf gets its param's sharding with
+    ``axis_name`` added on the first dimension that divides evenly
+    (:func:`zero_spec`), so per-device state memory falls by the axis size.
+    Each step slices the (all-reduced) gradient and the params to that sharding,
+    runs ``tx`` on the shards and gathers the update back to the params'
+    sharding. XLA chooses the collectives (see BUILD_NOTES: an all-gather of the
+    update per leaf). The math is ``tx``'s, elementwise, so results equal the
+    unsharded run to float32 rounding.
+
+    Params sharded over ``axis_name`` already (FSDP) and leaves that do not
+    divide keep their sharding. ``tx``'s ``init`` must give state that follows
+    its params' sharding, as adam_jax's does. The params' shardings are read at
+    ``init``: from concrete arrays, or from tracers on meshes with ``Explicit``
+    axes; under ``jit`` on ``Auto`` axes params are taken as replicated.
+
+    Args:
+      tx: the transformation whose state to partition, e.g. ``adam_jax.adamw(...)``.
+      mesh: the device mesh.
+      axis_name: the (data-parallel) axis to partition the state over.
+
+    Returns:
+      A ``GradientTransformation`` with state :class:`ShardedState`.
+
+    References:
+      Rajbhandari et al., 2020, ZeRO: Memory Optimizations Toward Training
+      Trillion Parameter Models, https://arxiv.org/abs/1910.02054
+    """
+    if axis_name not in mesh.axis_names:
+        raise ValueError(f"axis_name {axis_name!r} is not an axis of the mesh {dict(mesh.shape)}.")
+
+    def leaf_specs(params) -> tuple[LeafSpecs, ...]:
+        out = []
+        for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+            spec = _param_spec(leaf, jax.tree_util.keystr(path), mesh)
+            out.append(LeafSpecs(spec, zero_spec(jnp.shape(leaf), spec, mesh, axis_name)))
+        return tuple(out)
+
+    def place(tree, specs, which: str):
+        leaves, treedef = jax.tree.flatten(tree)
+        if len(leaves) != len(specs):
+            raise ValueError(
+                f"shard_state: got a tree of {len(leaves)} leaves, but the state was built "
+                f"for {len(specs)} params."
+            )
+        placed = [
+            _constrain(x, mesh, getattr(s, which)) for x, s in zip(leaves, specs, strict=True)
+        ]
+        return treedef.unflatten(placed)
+
+    def init_fn(params):
+        specs = leaf_specs(params)
+        return ShardedState(tx.init(place(params, specs, "state")), specs)
+
+    def update_fn(updates, state: ShardedState, params=None):
+        specs = state.specs
+        updates = place(updates, specs, "state")
+        if params is not None:
+            params = place(params, specs, "state")
+        updates, inner = tx.update(updates, state.inner, params)
+        return place(updates, specs, "param"), ShardedState(inner, specs)
+
+    return optax.GradientTransformation(init_fn, update_fn)
