@@ -8,6 +8,7 @@ from adam_jax import compat
 from adam_jax._alias import adam, adamw, amsgrad, nadam, nadamw
 from adam_jax._layout import GroupedMoments, moments_as_tree
 from adam_jax._packing import ParamPacker
+from adam_jax._sharding import ShardedState, shard_state, state_shardings
 from adam_jax._state import AdamState
 from adam_jax._transform import (
     add_decayed_weights,
@@ -21,6 +22,7 @@ __all__ = [
     "AdamState",
     "GroupedMoments",
     "ParamPacker",
+    "ShardedState",
     "adam",
     "adamw",
     "add_decayed_weights",
@@ -31,4 +33,6 @@ __all__ = [
     "nadamw",
     "scale_by_adam",
     "scale_by_learning_rate",
+    "shard_state",
+    "state_shardings",
 ]

@@ -136,22 +136,28 @@ def zero_spec(shape: tuple[int, ...], spec: PartitionSpec, mesh: Mesh, axis_name
     return PartitionSpec(*entries)
 
 
-def _param_spec(leaf, path: str, mesh: Mesh) -> PartitionSpec:
-    """The PartitionSpec of a param; replicated when it has none (a tracer on ``Auto`` axes)."""
-    sharding = _traced_sharding(leaf) if _is_tracer(leaf) else getattr(leaf, "sharding", None)
-    spec = getattr(sharding, "spec", None)
-    if spec is None:
-        return PartitionSpec()
-    leaf_mesh = sharding.mesh
-    if tuple(leaf_mesh.axis_names) and (
-        tuple(leaf_mesh.axis_names) != tuple(mesh.axis_names)
-        or tuple(leaf_mesh.axis_sizes) != tuple(mesh.axis_sizes)
-    ):
+def _param_spec(leaf, path: str, mesh: Mesh, hint: PartitionSpec | None) -> PartitionSpec:
+    """The PartitionSpec of a param, read the same way whether ``init`` is traced or not.
+
+    ``Explicit`` axes: from the leaf (its type, when traced). ``Auto`` axes: a
+    tracer has no sharding, so the spec is ``hint`` (default replicated) and a
+    concrete leaf must agree with it, else eager and traced ``init`` would lay
+    out the state differently.
+    """
+    ndim = jnp.ndim(leaf)
+    if _has_explicit_axes(mesh):
+        sharding = _traced_sharding(leaf) if _is_tracer(leaf) else getattr(leaf, "sharding", None)
+        spec = getattr(sharding, "spec", None)
+        return PartitionSpec(*_spec_entries(spec if spec is not None else PartitionSpec(), ndim))
+    spec = PartitionSpec(*_spec_entries(hint if hint is not None else PartitionSpec(), ndim))
+    sharding = None if _is_tracer(leaf) else getattr(leaf, "sharding", None)
+    if sharding is not None and not sharding.is_equivalent_to(NamedSharding(mesh, spec), ndim):
         raise ValueError(
-            f"Param {path} is sharded on a mesh with axes {dict(leaf_mesh.shape)}, but "
-            f"shard_state was given a mesh with axes {dict(mesh.shape)}."
+            f"Param {path} has sharding {sharding}, but shard_state expects {spec} on this "
+            "mesh with Auto axes. Pass param_specs= (a tree of PartitionSpec like the params) "
+            "so that init lays out the state the same way eagerly and under jit/eval_shape."
         )
-    return PartitionSpec(*_spec_entries(spec, jnp.ndim(leaf)))
+    return spec
 
 
 def _constrain(x, mesh: Mesh, spec: PartitionSpec):
@@ -194,7 +200,11 @@ class ShardedState:
 
 
 def shard_state(
-    tx: optax.GradientTransformation, mesh: Mesh, axis_name: str
+    tx: optax.GradientTransformation,
+    mesh: Mesh,
+    axis_name: str,
+    *,
+    param_specs: Any = None,
 ) -> optax.GradientTransformation:
     r"""ZeRO-1: partitions ``tx``'s state over the mesh axis ``axis_name``.
 
@@ -210,14 +220,19 @@ def shard_state(
 
     Params sharded over ``axis_name`` already (FSDP) and leaves that do not
     divide keep their sharding. ``tx``'s ``init`` must give state that follows
-    its params' sharding, as adam_jax's does. The params' shardings are read at
-    ``init``: from concrete arrays, or from tracers on meshes with ``Explicit``
-    axes; under ``jit`` on ``Auto`` axes params are taken as replicated.
+    its params' sharding, as adam_jax's does.
+
+    The params' shardings are read at ``init``. On a mesh with ``Explicit`` axes
+    (``jax.make_mesh``'s default) they are in the arrays' types, traced or not.
+    On ``Auto`` axes a traced param has none, so they come from ``param_specs``
+    (default: replicated), and concrete params are checked against it.
 
     Args:
       tx: the transformation whose state to partition, e.g. ``adam_jax.adamw(...)``.
       mesh: the device mesh.
       axis_name: the (data-parallel) axis to partition the state over.
+      param_specs: ``Auto`` axes only: a tree like the params of
+        ``PartitionSpec`` (``None`` = replicated), e.g. for tensor parallelism.
 
     Returns:
       A ``GradientTransformation`` with state :class:`ShardedState`.
@@ -229,10 +244,17 @@ def shard_state(
     if axis_name not in mesh.axis_names:
         raise ValueError(f"axis_name {axis_name!r} is not an axis of the mesh {dict(mesh.shape)}.")
 
+    def hints(params) -> list:
+        leaves = jax.tree.leaves(params)
+        if param_specs is None:
+            return [None] * len(leaves)
+        return jax.tree.structure(params).flatten_up_to(param_specs)
+
     def leaf_specs(params) -> tuple[LeafSpecs, ...]:
         out = []
-        for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
-            spec = _param_spec(leaf, jax.tree_util.keystr(path), mesh)
+        with_paths = jax.tree_util.tree_flatten_with_path(params)[0]
+        for (path, leaf), hint in zip(with_paths, hints(params), strict=True):
+            spec = _param_spec(leaf, jax.tree_util.keystr(path), mesh, hint)
             out.append(LeafSpecs(spec, zero_spec(jnp.shape(leaf), spec, mesh, axis_name)))
         return tuple(out)
 
