@@ -86,7 +86,7 @@ def train(
     losses = []
     for batch in batches:
         params, state, loss = step(params, state, *place_batch(batch))
-        losses.append(float(loss))
+        losses.append(float(loss.addressable_data(0)))  # also on a multi-process mesh
     return params, state, losses
 
 
