@@ -23,6 +23,7 @@ TRAJECTORY_FIELDS = (
     "hidden",
     "max_shift",
     "train_limit",
+    "packed",
 )
 
 
@@ -47,6 +48,8 @@ class Config:
       hidden: width of the dense hidden layer.
       max_shift: random shifts of up to this many pixels in x and y.
       train_limit: use only the first ``train_limit`` training digits (tests).
+      packed: keep the params in a few flat buffers (``adam_jax.ParamPacker``) and
+        run the optimizer on those; the same run up to float rounding.
       test_limit: use only the first ``test_limit`` test digits (tests).
       eval_batch_size: batch size for evaluation (the last batch is padded).
       keep_checkpoints: how many epoch checkpoints to keep.
@@ -69,6 +72,7 @@ class Config:
     hidden: int = 128
     max_shift: int = 2
     train_limit: int | None = None
+    packed: bool = False
     test_limit: int | None = None
     eval_batch_size: int = 500
     keep_checkpoints: int = 2

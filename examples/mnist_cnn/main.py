@@ -3,7 +3,7 @@
 Usage (from anywhere)::
 
   python examples/mnist_cnn/main.py [--epochs N] [--batch-size B] [--lr LR] [--seed S]
-      [--optimizer {adam_jax,optax}] [--data-dir DIR] [--out DIR] [--resume]
+      [--optimizer {adam_jax,optax}] [--packed] [--data-dir DIR] [--out DIR] [--resume]
 
 The last line printed is ``test_accuracy=<float>``.
 """
@@ -45,6 +45,12 @@ def parse_args(argv: list[str] | None = None) -> Config:
         help="adam_jax.adamw, or optax.adamw with the same hyperparameters",
     )
     p.add_argument(
+        "--packed",
+        action="store_true",
+        help="keep the params in a few flat buffers (adam_jax.ParamPacker), "
+        "the optimizer runs on those",
+    )
+    p.add_argument(
         "--data-dir",
         default=d.data_dir,
         help="directory with the 4 MNIST IDX files (plain or .gz); "
@@ -69,6 +75,7 @@ def parse_args(argv: list[str] | None = None) -> Config:
             lr=args.lr,
             seed=args.seed,
             optimizer=args.optimizer,
+            packed=args.packed,
             data_dir=args.data_dir,
             out=args.out,
             resume=args.resume,

@@ -6,6 +6,11 @@ generator seeded with ``(seed, k)`` and the shift/dropout keys of its steps from
 ``fold_in(fold_in(train_key, k), step)``. Nothing depends on process history,
 so a run resumed from the checkpoint of epoch ``k`` ends with parameters
 bitwise equal to an uninterrupted run.
+
+Two ways to train, chosen by ``Config.packed``: the model and an
+``nnx.Optimizer`` (:func:`train_step`), or the params packed into a few flat
+buffers by ``adam_jax.ParamPacker`` with the optimizer on the buffers
+(:func:`packed_train_step`, a few lines different).
 """
 
 from __future__ import annotations
@@ -58,13 +63,43 @@ def make_schedule(cfg: Config, steps_per_epoch: int) -> optax.Schedule:
     return optax.warmup_cosine_decay_schedule(0.0, cfg.lr, warmup, total, end_value=0.0)
 
 
+def is_decayed(param: jax.Array) -> bool:
+    """Weight decay on kernels (ndim > 1) only, not on biases."""
+    return param.ndim > 1
+
+
 def decay_mask(params: optax.Params) -> Any:
     """Weight decay on kernels (ndim > 1) only, not on biases."""
-    return jax.tree.map(lambda p: p.ndim > 1, params)
+    return jax.tree.map(is_decayed, params)
 
 
-def make_optimizer(cfg: Config, steps_per_epoch: int) -> optax.GradientTransformation:
-    """``adam_jax.adamw`` or ``optax.adamw`` with identical hyperparameters."""
+def packed_decay_mask(packer: adam_jax.ParamPacker, params: nnx.State) -> tuple[bool, ...]:
+    """:func:`decay_mask` per packed buffer: True for the buffers that hold kernels.
+
+    The buffers are flat, so a mask by ``ndim`` on them would decay nothing; this
+    packs the per-leaf flags instead. ``packer`` must group leaves by
+    :func:`is_decayed` (``group_fn``) so that no buffer mixes kernels and biases.
+
+    Raises:
+      ValueError: a buffer holds both decayed and non-decayed leaves.
+    """
+    per_leaf = jax.tree.map(lambda p, d: np.full(p.shape, d), params, decay_mask(params))
+    flags = packer.pack(per_leaf)
+    mask = tuple(bool(f.all()) for f in flags)
+    for f, m, label in zip(flags, mask, packer.buffer_labels(), strict=True):
+        if bool(f.any()) != m:
+            raise ValueError(f"a packed buffer mixes decayed and non-decayed leaves: {label}")
+    return mask
+
+
+def make_optimizer(
+    cfg: Config, steps_per_epoch: int, mask: Any = decay_mask
+) -> optax.GradientTransformation:
+    """``adam_jax.adamw`` or ``optax.adamw`` with identical hyperparameters.
+
+    ``mask`` selects the leaves that decay: :func:`decay_mask` for the params
+    tree, :func:`packed_decay_mask` for packed buffers.
+    """
     adamw = adam_jax.adamw if cfg.optimizer == "adam_jax" else optax.adamw
     return adamw(
         learning_rate=make_schedule(cfg, steps_per_epoch),
@@ -72,17 +107,55 @@ def make_optimizer(cfg: Config, steps_per_epoch: int) -> optax.GradientTransform
         b2=0.999,
         eps=1e-8,
         weight_decay=cfg.weight_decay,
-        mask=decay_mask,
+        mask=mask,
     )
+
+
+def create_model(cfg: Config, init_key: jax.Array) -> CNN:
+    """The CNN initialised from ``init_key``."""
+    return CNN(cfg.features, cfg.hidden, cfg.dropout, rngs=nnx.Rngs(params=init_key))
 
 
 def create_model_and_optimizer(
     cfg: Config, steps_per_epoch: int, init_key: jax.Array
 ) -> tuple[CNN, nnx.Optimizer]:
     """The CNN initialised from ``init_key`` and its ``nnx.Optimizer`` over ``nnx.Param``."""
-    model = CNN(cfg.features, cfg.hidden, cfg.dropout, rngs=nnx.Rngs(params=init_key))
+    model = create_model(cfg, init_key)
     optimizer = nnx.Optimizer(model, make_optimizer(cfg, steps_per_epoch), wrt=nnx.Param)
     return model, optimizer
+
+
+class Packing(NamedTuple):
+    """What the packed steps close over: the model without its params, the packer, the optimizer."""
+
+    graphdef: nnx.GraphDef
+    rest: nnx.State  # the model's non-Param state (empty for this CNN)
+    packer: adam_jax.ParamPacker
+    tx: optax.GradientTransformation
+    mask: tuple[bool, ...]  # weight decay per buffer
+
+
+class PackedState(NamedTuple):
+    """The train state with packed params: the buffers and the optimizer state over them."""
+
+    params: tuple[jax.Array, ...]
+    opt_state: optax.OptState
+
+
+def create_packed(
+    cfg: Config, steps_per_epoch: int, init_key: jax.Array
+) -> tuple[CNN, Packing, PackedState]:
+    """The CNN, its params packed by dtype and by :func:`is_decayed`, and the optimizer state.
+
+    The params start equal to :func:`create_model_and_optimizer`'s for the same key.
+    """
+    model = create_model(cfg, init_key)
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    packer = adam_jax.ParamPacker(params, group_fn=lambda path, p: is_decayed(p))
+    packed = packer.pack(params)
+    mask = packed_decay_mask(packer, params)
+    tx = make_optimizer(cfg, steps_per_epoch, mask=mask)
+    return model, Packing(graphdef, rest, packer, tx, mask), PackedState(packed, tx.init(packed))
 
 
 def count_params(model: nnx.Module) -> int:
@@ -125,6 +198,39 @@ def train_step(
     return nnx.state((model, optimizer)), loss
 
 
+def packed_train_step(
+    packing: Packing,
+    max_shift: int,
+    state: PackedState,
+    images: jax.Array,
+    labels: jax.Array,
+    batch: jax.Array,
+    epoch_key: jax.Array,
+    step: jax.Array,
+) -> tuple[PackedState, jax.Array]:
+    """:func:`train_step` on packed params: the gradient and the AdamW step are per buffer."""
+    shift_key, dropout_key = jax.random.split(jax.random.fold_in(epoch_key, step))
+    x = random_shift(images[batch].astype(jnp.float32) / 255.0, shift_key, max_shift)
+    y = labels[batch]
+
+    def loss_fn(packed: tuple[jax.Array, ...]) -> jax.Array:
+        model = nnx.merge(packing.graphdef, packing.packer.unpack(packed), packing.rest)
+        return cross_entropy(model(x, dropout_key=dropout_key), y).mean()
+
+    loss, grads = jax.value_and_grad(loss_fn)(state.params)
+    updates, opt_state = packing.tx.update(grads, state.opt_state, state.params)
+    return PackedState(optax.apply_updates(state.params, updates), opt_state), loss
+
+
+def score(
+    model: CNN, images: jax.Array, labels: jax.Array, weights: jax.Array
+) -> tuple[jax.Array, jax.Array]:
+    """Weighted (number correct, summed loss) on one padded batch, without dropout."""
+    logits = model(images.astype(jnp.float32) / 255.0)
+    correct = (jnp.argmax(logits, axis=-1) == labels).astype(jnp.float32)
+    return jnp.sum(correct * weights), jnp.sum(cross_entropy(logits, labels) * weights)
+
+
 def eval_step(
     graphdef: nnx.GraphDef,
     state: nnx.State,
@@ -134,9 +240,19 @@ def eval_step(
 ) -> tuple[jax.Array, jax.Array]:
     """Weighted (number correct, summed loss) on one padded batch, without dropout."""
     model, _ = nnx.merge(graphdef, state)
-    logits = model(images.astype(jnp.float32) / 255.0)
-    correct = (jnp.argmax(logits, axis=-1) == labels).astype(jnp.float32)
-    return jnp.sum(correct * weights), jnp.sum(cross_entropy(logits, labels) * weights)
+    return score(model, images, labels, weights)
+
+
+def packed_eval_step(
+    packing: Packing,
+    state: PackedState,
+    images: jax.Array,
+    labels: jax.Array,
+    weights: jax.Array,
+) -> tuple[jax.Array, jax.Array]:
+    """:func:`eval_step` on packed params."""
+    model = nnx.merge(packing.graphdef, packing.packer.unpack(state.params), packing.rest)
+    return score(model, images, labels, weights)
 
 
 # ----------------------------------------------------------------------------- epochs
@@ -205,12 +321,22 @@ def checkpoint_manager(directory: Path, keep: int) -> ocp.CheckpointManager:
     return ocp.CheckpointManager(directory.resolve(), options=options)
 
 
-def checkpoint_payload(state: nnx.State, train_key: jax.Array, epoch: int) -> dict[str, Any]:
-    """Model params, optimizer state, RNG state and epoch number as a tree of NumPy arrays."""
-    pure = nnx.to_pure_dict(state)
+def checkpoint_payload(
+    state: nnx.State | PackedState, train_key: jax.Array, epoch: int
+) -> dict[str, Any]:
+    """Model params, optimizer state, RNG state and epoch number as a tree of NumPy arrays.
+
+    With packed params, ``params`` is the tuple of buffers and ``opt_state`` the
+    optimizer state over them.
+    """
+    if isinstance(state, PackedState):
+        params, opt_state = state
+    else:
+        pure = nnx.to_pure_dict(state)
+        params, opt_state = pure[0], pure[1]
     tree = {
-        "params": pure[0],
-        "opt_state": pure[1],
+        "params": params,
+        "opt_state": opt_state,
         "rng": jax.random.key_data(train_key),
         "epoch": np.int32(epoch),
     }
@@ -220,7 +346,7 @@ def checkpoint_payload(state: nnx.State, train_key: jax.Array, epoch: int) -> di
 def save_checkpoint(
     manager: ocp.CheckpointManager,
     epoch: int,
-    state: nnx.State,
+    state: nnx.State | PackedState,
     train_key: jax.Array,
     meta: dict[str, Any],
 ) -> None:
@@ -233,8 +359,11 @@ def save_checkpoint(
 
 
 def restore_checkpoint(
-    manager: ocp.CheckpointManager, state: nnx.State, train_key: jax.Array, cfg: Config
-) -> tuple[nnx.State, jax.Array, int, list[dict[str, Any]]]:
+    manager: ocp.CheckpointManager,
+    state: nnx.State | PackedState,
+    train_key: jax.Array,
+    cfg: Config,
+) -> tuple[nnx.State | PackedState, jax.Array, int, list[dict[str, Any]]]:
     """Restores the latest checkpoint into ``state``: (state, train_key, epoch, history).
 
     Raises:
@@ -243,18 +372,18 @@ def restore_checkpoint(
     epoch = manager.latest_step()
     if epoch is None:
         raise ResumeError(f"--resume: no checkpoint found in {manager.directory}")
+    # The settings first: a checkpoint of another model or layout (e.g. packed) has another tree.
+    meta = manager.restore(epoch, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+    check_resumable(meta["config"], cfg.trajectory(), manager.directory)
     template = checkpoint_payload(state, train_key, 0)
-    restored = manager.restore(
-        epoch,
-        args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(template), meta=ocp.args.JsonRestore()
-        ),
-    )
-    check_resumable(restored.meta["config"], cfg.trajectory(), manager.directory)
-    tree = restored.state
-    nnx.replace_by_pure_dict(state, {0: tree["params"], 1: tree["opt_state"]})
+    args = ocp.args.Composite(state=ocp.args.StandardRestore(template))
+    tree = manager.restore(epoch, args=args).state
+    if isinstance(state, PackedState):
+        state = PackedState(*jax.tree.map(jnp.asarray, (tree["params"], tree["opt_state"])))
+    else:
+        nnx.replace_by_pure_dict(state, {0: tree["params"], 1: tree["opt_state"]})
     train_key = jax.random.wrap_key_data(jnp.asarray(tree["rng"]))
-    return state, train_key, int(tree["epoch"]), restored.meta["history"]
+    return state, train_key, int(tree["epoch"]), meta["history"]
 
 
 def check_resumable(saved: dict[str, Any], current: dict[str, Any], where: Path) -> None:
@@ -317,10 +446,26 @@ def plot_curves(path: Path, history: list[dict[str, Any]], title: str) -> None:
     fig.savefig(path, dpi=110)
 
 
-def describe_run(cfg: Config, data: Dataset, model: CNN, steps_per_epoch: int) -> list[str]:
-    """The header lines printed before training."""
+def describe_run(
+    cfg: Config,
+    data: Dataset,
+    model: CNN,
+    steps_per_epoch: int,
+    packing: Packing | None = None,
+) -> list[str]:
+    """The header lines printed before training (with ``packing``, one more on the buffers)."""
     name = "adam_jax.adamw" if cfg.optimizer == "adam_jax" else "optax.adamw"
     c1, c2 = cfg.features
+    packed = []
+    if packing is not None:
+        buffers = jax.eval_shape(packing.packer.pack, nnx.state(model, nnx.Param))
+        labels = packing.packer.buffer_labels()
+        parts = [
+            f"{b.size:,} {b.dtype} ({len(label.split(', '))} leaves, "
+            f"{'weight decay' if m else 'no weight decay'})"
+            for b, label, m in zip(buffers, labels, packing.mask, strict=True)
+        ]
+        packed = [f"packed params (adam_jax.ParamPacker): {len(parts)} buffers, {', '.join(parts)}"]
     return [
         f"data: {data.description}",
         f"model: CNN conv3x3 {c1}-{c2} + maxpool, dense {cfg.hidden}, dropout {cfg.dropout} "
@@ -328,6 +473,7 @@ def describe_run(cfg: Config, data: Dataset, model: CNN, steps_per_epoch: int) -
         f"optimizer: {name}, lr {cfg.lr:g} warmup-cosine (warmup {cfg.warmup_epochs:g} epoch), "
         f"weight decay {cfg.weight_decay:g}; batch {cfg.batch_size}, {cfg.epochs} epochs x "
         f"{steps_per_epoch} steps; shifts <= {cfg.max_shift}px; seed {cfg.seed}",
+        *packed,
         f"device: {jax.devices()[0]}",
     ]
 
@@ -360,7 +506,7 @@ class Run(NamedTuple):
 
     cfg: Config
     data: Dataset
-    step_fn: Callable[..., tuple[nnx.State, jax.Array]]
+    step_fn: Callable[..., tuple[Any, jax.Array]]
     eval_fn: Callable[..., tuple[jax.Array, jax.Array]]
     train_arrays: tuple[jax.Array, jax.Array]
     train_key: jax.Array
@@ -417,7 +563,8 @@ def write_outputs(cfg: Config, data: Dataset, history: list, accuracy: float, wa
     extra = {"test_accuracy": accuracy, "wall_time_s": wall, "finished": finished}
     write_metrics(out / "metrics.json", cfg, data, history, extra)
     if history:
-        title = f"MNIST CNN, {cfg.optimizer}, seed {cfg.seed}: test accuracy {100 * accuracy:.2f}%"
+        name = f"{cfg.optimizer}, packed" if cfg.packed else cfg.optimizer
+        title = f"MNIST CNN, {name}, seed {cfg.seed}: test accuracy {100 * accuracy:.2f}%"
         plot_curves(out / "curves.png", history, title)
     if not finished:
         log(
@@ -452,10 +599,18 @@ def train_and_evaluate(cfg: Config, data: Dataset | None = None) -> TrainResult:
     if steps_per_epoch == 0:
         raise ValueError(f"batch size {cfg.batch_size} > {data.train_labels.size} train digits")
     init_key, train_key = jax.random.split(jax.random.key(cfg.seed))
-    model, optimizer = create_model_and_optimizer(cfg, steps_per_epoch, init_key)
-    for line in describe_run(cfg, data, model, steps_per_epoch):
+    packing = None
+    if cfg.packed:
+        model, packing, state = create_packed(cfg, steps_per_epoch, init_key)
+        step_fn = partial(packed_train_step, packing, cfg.max_shift)
+        eval_fn = partial(packed_eval_step, packing)
+    else:
+        model, optimizer = create_model_and_optimizer(cfg, steps_per_epoch, init_key)
+        graphdef, state = nnx.split((model, optimizer))
+        step_fn = partial(train_step, graphdef, cfg.max_shift)
+        eval_fn = partial(eval_step, graphdef)
+    for line in describe_run(cfg, data, model, steps_per_epoch, packing):
         log(line)
-    graphdef, state = nnx.split((model, optimizer))
     manager = open_checkpoints(cfg)
     history: list[dict[str, Any]] = []
     done = 0
@@ -465,8 +620,8 @@ def train_and_evaluate(cfg: Config, data: Dataset | None = None) -> TrainResult:
     run = Run(
         cfg,
         data,
-        jax.jit(partial(train_step, graphdef, cfg.max_shift)),
-        jax.jit(partial(eval_step, graphdef)),
+        jax.jit(step_fn),
+        jax.jit(eval_fn),
         (jnp.asarray(data.train_images), jnp.asarray(data.train_labels)),
         train_key,
     )
@@ -484,5 +639,13 @@ def train_and_evaluate(cfg: Config, data: Dataset | None = None) -> TrainResult:
     wall = time.perf_counter() - start
     write_outputs(cfg, data, history, accuracy, wall)
     log(f"total time {wall:.1f}s (including compilation)")
-    params = jax.tree.map(np.array, nnx.to_pure_dict(state)[0])
-    return TrainResult(accuracy, history, params, wall)
+    return TrainResult(accuracy, history, params_dict(state, packing), wall)
+
+
+def params_dict(state: nnx.State | PackedState, packing: Packing | None = None) -> dict[str, Any]:
+    """The model params as a nested dict of NumPy arrays (packed buffers unpacked first)."""
+    if packing is None:
+        pure = nnx.to_pure_dict(state)[0]
+    else:
+        pure = nnx.to_pure_dict(packing.packer.unpack(state.params))
+    return jax.tree.map(np.array, pure)
