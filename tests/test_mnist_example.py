@@ -9,7 +9,9 @@ import dataclasses
 import gzip
 import importlib.util
 import json
+import os
 import struct
+import subprocess
 import sys
 from functools import partial
 from pathlib import Path
@@ -211,6 +213,44 @@ def test_main_packed_runs(tmp_path: Path, mnist5k: data.Dataset, capsys) -> None
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["config"]["packed"] is True and metrics["finished"]
     assert (out / "checkpoints/2").exists()
+
+
+def test_main_devices_zero1_runs_in_a_fresh_process(tmp_path: Path, mnist5k: data.Dataset) -> None:
+    """``--devices 2 --zero1``: main.py asks XLA for 2 CPU devices before importing jax."""
+    data_dir = tmp_path / "idx"
+    data_dir.mkdir()
+    for key, name in IDX_NAMES.items():
+        data.write_idx(data_dir / name, getattr(mnist5k, key)[: 256 if "train" in key else 100])
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    cmd = [sys.executable, str(_EXAMPLES / "mnist_cnn" / "main.py"), "--devices", "2", "--zero1"]
+    cmd += ["--data-dir", str(data_dir), "--out", str(tmp_path / "out"), "--no-progress"]
+    cmd += ["--epochs", "1", "--batch-size", "32"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "devices: 2, batch split over a 'data' mesh" in proc.stdout
+    assert "(ZeRO-1)" in proc.stdout
+    assert proc.stdout.strip().splitlines()[-1].startswith("test_accuracy=")
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"zero1": True}, "use devices > 1"),
+        ({"devices": 3}, "multiple of devices 3"),
+        ({"devices": 0}, "devices must be >= 1"),
+    ],
+)
+def test_config_rejects_bad_device_settings(overrides: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        config.Config(**overrides)
+
+
+def test_more_devices_than_available_is_a_clear_error(
+    tmp_path: Path, mnist5k: data.Dataset
+) -> None:
+    cfg = tiny_config(tmp_path, devices=2 * jax.device_count())
+    with pytest.raises(ValueError, match="XLA_FLAGS=--xla_force_host_platform_device_count"):
+        train.train_and_evaluate(cfg, mnist5k)
 
 
 # ----------------------------------------------------------------------------- training

@@ -54,6 +54,8 @@ class Config:
       eval_batch_size: batch size for evaluation (the last batch is padded).
       keep_checkpoints: how many epoch checkpoints to keep.
       progress: show a tqdm bar per epoch.
+      devices: data-parallel devices (the batch is split over them).
+      zero1: partition the optimizer state over the devices (``adam_jax.shard_state``).
     """
 
     epochs: int = 25
@@ -77,6 +79,8 @@ class Config:
     eval_batch_size: int = 500
     keep_checkpoints: int = 2
     progress: bool = True
+    devices: int = 1
+    zero1: bool = False
 
     def __post_init__(self) -> None:
         if self.optimizer not in OPTIMIZERS:
@@ -86,6 +90,14 @@ class Config:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        if self.devices < 1:
+            raise ValueError(f"devices must be >= 1, got {self.devices}")
+        if self.batch_size % self.devices:
+            raise ValueError(
+                f"batch_size {self.batch_size} must be a multiple of devices {self.devices}"
+            )
+        if self.zero1 and self.devices == 1:
+            raise ValueError("zero1 partitions the optimizer state over devices: use devices > 1")
         if self.max_shift < 0:
             raise ValueError(f"max_shift must be >= 0, got {self.max_shift}")
 

@@ -3,7 +3,8 @@
 Usage (from anywhere)::
 
   python examples/mnist_cnn/main.py [--epochs N] [--batch-size B] [--lr LR] [--seed S]
-      [--optimizer {adam_jax,optax}] [--packed] [--data-dir DIR] [--out DIR] [--resume]
+      [--optimizer {adam_jax,optax}] [--packed] [--devices N [--zero1]] [--data-dir DIR]
+      [--out DIR] [--resume]
 
 The last line printed is ``test_accuracy=<float>``.
 """
@@ -65,6 +66,17 @@ def parse_args(argv: list[str] | None = None) -> Config:
         metavar="EPOCH",
         help="stop after this epoch, as if interrupted (then use --resume)",
     )
+    p.add_argument(
+        "--devices",
+        type=int,
+        default=d.devices,
+        help="data-parallel devices; the batch is split over them (virtual devices on CPU)",
+    )
+    p.add_argument(
+        "--zero1",
+        action="store_true",
+        help="with --devices N: partition the optimizer state over the devices (ZeRO-1)",
+    )
     p.add_argument("--no-progress", action="store_true", help="no tqdm progress bars")
     args = p.parse_args(argv)
     try:
@@ -81,6 +93,8 @@ def parse_args(argv: list[str] | None = None) -> Config:
             resume=args.resume,
             stop_after=args.stop_after,
             progress=not args.no_progress,
+            devices=args.devices,
+            zero1=args.zero1,
         )
     except ValueError as err:
         p.error(str(err))
@@ -89,6 +103,9 @@ def parse_args(argv: list[str] | None = None) -> Config:
 def main(argv: list[str] | None = None) -> int:
     """Runs the example; returns the process exit status."""
     cfg = parse_args(argv)
+    from mnist_cnn import parallel
+
+    parallel.request_host_devices(cfg.devices)  # before jax is imported
     from mnist_cnn import data, train  # after parsing, so --help is instant
 
     try:

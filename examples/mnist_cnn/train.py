@@ -33,6 +33,7 @@ from tqdm import tqdm
 
 import adam_jax
 
+from . import parallel
 from .config import Config
 from .data import Dataset, load_dataset
 from .model import CNN, random_shift
@@ -93,15 +94,16 @@ def packed_decay_mask(packer: adam_jax.ParamPacker, params: nnx.State) -> tuple[
 
 
 def make_optimizer(
-    cfg: Config, steps_per_epoch: int, mask: Any = decay_mask
+    cfg: Config, steps_per_epoch: int, mask: Any = decay_mask, mesh: Any = None
 ) -> optax.GradientTransformation:
     """``adam_jax.adamw`` or ``optax.adamw`` with identical hyperparameters.
 
     ``mask`` selects the leaves that decay: :func:`decay_mask` for the params
-    tree, :func:`packed_decay_mask` for packed buffers.
+    tree, :func:`packed_decay_mask` for packed buffers. With ``cfg.zero1`` the
+    state is partitioned over ``mesh``'s ``"data"`` axis.
     """
     adamw = adam_jax.adamw if cfg.optimizer == "adam_jax" else optax.adamw
-    return adamw(
+    tx = adamw(
         learning_rate=make_schedule(cfg, steps_per_epoch),
         b1=0.9,
         b2=0.999,
@@ -109,6 +111,7 @@ def make_optimizer(
         weight_decay=cfg.weight_decay,
         mask=mask,
     )
+    return adam_jax.shard_state(tx, mesh, "data") if cfg.zero1 else tx
 
 
 def create_model(cfg: Config, init_key: jax.Array) -> CNN:
@@ -117,11 +120,18 @@ def create_model(cfg: Config, init_key: jax.Array) -> CNN:
 
 
 def create_model_and_optimizer(
-    cfg: Config, steps_per_epoch: int, init_key: jax.Array
+    cfg: Config, steps_per_epoch: int, init_key: jax.Array, mesh: Any = None
 ) -> tuple[CNN, nnx.Optimizer]:
-    """The CNN initialised from ``init_key`` and its ``nnx.Optimizer`` over ``nnx.Param``."""
+    """The CNN initialised from ``init_key`` and its ``nnx.Optimizer`` over ``nnx.Param``.
+
+    With a ``mesh`` the model is replicated over it first, so the optimizer state is
+    created where it lives (replicated, or partitioned with ``cfg.zero1``).
+    """
     model = create_model(cfg, init_key)
-    optimizer = nnx.Optimizer(model, make_optimizer(cfg, steps_per_epoch), wrt=nnx.Param)
+    if mesh is not None:
+        nnx.update(model, parallel.replicate(nnx.state(model), mesh))
+    tx = make_optimizer(cfg, steps_per_epoch, mesh=mesh)
+    optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
     return model, optimizer
 
 
@@ -143,7 +153,7 @@ class PackedState(NamedTuple):
 
 
 def create_packed(
-    cfg: Config, steps_per_epoch: int, init_key: jax.Array
+    cfg: Config, steps_per_epoch: int, init_key: jax.Array, mesh: Any = None
 ) -> tuple[CNN, Packing, PackedState]:
     """The CNN, its params packed by dtype and by :func:`is_decayed`, and the optimizer state.
 
@@ -152,9 +162,9 @@ def create_packed(
     model = create_model(cfg, init_key)
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     packer = adam_jax.ParamPacker(params, group_fn=lambda path, p: is_decayed(p))
-    packed = packer.pack(params)
+    packed = parallel.replicate(packer.pack(params), mesh)
     mask = packed_decay_mask(packer, params)
-    tx = make_optimizer(cfg, steps_per_epoch, mask=mask)
+    tx = make_optimizer(cfg, steps_per_epoch, mask=mask, mesh=mesh)
     return model, Packing(graphdef, rest, packer, tx, mask), PackedState(packed, tx.init(packed))
 
 
@@ -171,6 +181,20 @@ def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
     return optax.softmax_cross_entropy_with_integer_labels(logits, labels)
 
 
+def batch_examples(
+    images: jax.Array,
+    labels: jax.Array,
+    batch: jax.Array,
+    shift_key: jax.Array,
+    max_shift: int,
+    mesh: Any = None,
+) -> tuple[jax.Array, jax.Array]:
+    """The examples ``batch`` as floats in [0, 1], randomly shifted; split over ``mesh``."""
+    x = parallel.split_batch(images[batch], mesh)
+    y = parallel.split_batch(labels[batch], mesh)
+    return random_shift(x.astype(jnp.float32) / 255.0, shift_key, max_shift), y
+
+
 def train_step(
     graphdef: nnx.GraphDef,
     max_shift: int,
@@ -180,15 +204,17 @@ def train_step(
     batch: jax.Array,
     epoch_key: jax.Array,
     step: jax.Array,
+    *,
+    mesh: Any = None,
 ) -> tuple[nnx.State, jax.Array]:
     """One AdamW step on the examples ``batch`` (indices into the uint8 ``images``).
 
     ``state`` is ``nnx.split((model, optimizer))[1]``; returns the new state and the loss.
+    With a ``mesh`` the batch is split over its devices.
     """
     model, optimizer = nnx.merge(graphdef, state)
     shift_key, dropout_key = jax.random.split(jax.random.fold_in(epoch_key, step))
-    x = random_shift(images[batch].astype(jnp.float32) / 255.0, shift_key, max_shift)
-    y = labels[batch]
+    x, y = batch_examples(images, labels, batch, shift_key, max_shift, mesh)
 
     def loss_fn(model: CNN) -> jax.Array:
         return cross_entropy(model(x, dropout_key=dropout_key), y).mean()
@@ -207,11 +233,12 @@ def packed_train_step(
     batch: jax.Array,
     epoch_key: jax.Array,
     step: jax.Array,
+    *,
+    mesh: Any = None,
 ) -> tuple[PackedState, jax.Array]:
     """:func:`train_step` on packed params: the gradient and the AdamW step are per buffer."""
     shift_key, dropout_key = jax.random.split(jax.random.fold_in(epoch_key, step))
-    x = random_shift(images[batch].astype(jnp.float32) / 255.0, shift_key, max_shift)
-    y = labels[batch]
+    x, y = batch_examples(images, labels, batch, shift_key, max_shift, mesh)
 
     def loss_fn(packed: tuple[jax.Array, ...]) -> jax.Array:
         model = nnx.merge(packing.graphdef, packing.packer.unpack(packed), packing.rest)
@@ -475,6 +502,7 @@ def describe_run(
         f"{steps_per_epoch} steps; shifts <= {cfg.max_shift}px; seed {cfg.seed}",
         *packed,
         f"device: {jax.devices()[0]}",
+        *([parallel.describe(cfg.devices, cfg.zero1)] if cfg.devices > 1 else []),
     ]
 
 
@@ -599,15 +627,16 @@ def train_and_evaluate(cfg: Config, data: Dataset | None = None) -> TrainResult:
     if steps_per_epoch == 0:
         raise ValueError(f"batch size {cfg.batch_size} > {data.train_labels.size} train digits")
     init_key, train_key = jax.random.split(jax.random.key(cfg.seed))
+    mesh = parallel.data_mesh(cfg.devices)
     packing = None
     if cfg.packed:
-        model, packing, state = create_packed(cfg, steps_per_epoch, init_key)
-        step_fn = partial(packed_train_step, packing, cfg.max_shift)
+        model, packing, state = create_packed(cfg, steps_per_epoch, init_key, mesh)
+        step_fn = partial(packed_train_step, packing, cfg.max_shift, mesh=mesh)
         eval_fn = partial(packed_eval_step, packing)
     else:
-        model, optimizer = create_model_and_optimizer(cfg, steps_per_epoch, init_key)
+        model, optimizer = create_model_and_optimizer(cfg, steps_per_epoch, init_key, mesh)
         graphdef, state = nnx.split((model, optimizer))
-        step_fn = partial(train_step, graphdef, cfg.max_shift)
+        step_fn = partial(train_step, graphdef, cfg.max_shift, mesh=mesh)
         eval_fn = partial(eval_step, graphdef)
     for line in describe_run(cfg, data, model, steps_per_epoch, packing):
         log(line)
@@ -615,14 +644,16 @@ def train_and_evaluate(cfg: Config, data: Dataset | None = None) -> TrainResult:
     history: list[dict[str, Any]] = []
     done = 0
     if cfg.resume:
+        shardings = jax.tree.map(lambda x: x.sharding, state)
         state, train_key, done, history = restore_checkpoint(manager, state, train_key, cfg)
+        state = parallel.place_like(state, shardings)
         log(f"resumed from {manager.directory} after epoch {done}/{cfg.epochs}")
     run = Run(
         cfg,
         data,
         jax.jit(step_fn),
         jax.jit(eval_fn),
-        (jnp.asarray(data.train_images), jnp.asarray(data.train_labels)),
+        parallel.replicate((jnp.asarray(data.train_images), jnp.asarray(data.train_labels)), mesh),
         train_key,
     )
     last_epoch = cfg.epochs if cfg.stop_after is None else min(cfg.epochs, cfg.stop_after)
