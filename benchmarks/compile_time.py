@@ -1,0 +1,199 @@
+"""Where the compile time of a many-leaf Adam step goes on XLA:CPU.
+
+Issue 5 asks for a 1000-leaf step that compiles in under 1 s on CPU. This script
+measures, in one run:
+
+* **Adam steps vs leaf count.** ``trace``, ``lower`` and XLA ``compile`` of one
+  jitted, donated step (update + apply) on ``n`` float32 leaves of 1000, for
+  ``adam_jax.adam`` (default ``layout="auto"``, grouped here), ``layout="per_leaf"``,
+  ``optax.adam``, and packed params (one buffer of ``n * 1000``, the
+  ``ParamPacker`` step).
+* **The kernel model behind it**, on 1000 outputs of 1000 floats:
+  ``identical`` (``a * 1.5`` per leaf: the same fused kernel 1000 times),
+  ``distinct_constants`` (``a * (1 + i * 1e-6)``: 1000 kernels that differ only
+  in a constant), ``static_slices`` (``p_i + u[i*k:(i+1)*k]`` of one flat buffer:
+  what the grouped layout emits) and ``runtime_offsets`` (the same slices as
+  ``dynamic_slice`` with each offset passed in as its own int32 scalar argument,
+  so the 1000 fused kernels are identical). For the two slice variants the run
+  time of the compiled program is measured too.
+
+XLA:CPU compiles each distinct fused kernel separately (several ms each on this
+machine) and compiles identical kernels once, which is what the rows show. Writes
+``compile_time.md`` and ``compile_time.json`` to ``--out``.
+
+    python -m benchmarks.compile_time            # about 2 minutes on 2 cores
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax import lax
+
+import adam_jax
+from benchmarks import harness
+
+LEAF = 1000
+
+
+def _tree(n: int) -> dict[str, jax.Array]:
+    return {f"p{i:04d}": jnp.zeros((LEAF,), jnp.float32) for i in range(n)}
+
+
+def _phases(fn: Callable, *args: Any, donate: Sequence[int] = ()) -> dict[str, float]:
+    """Seconds for trace, lower and XLA compile of ``jax.jit(fn)`` on ``args``."""
+    jitted = jax.jit(fn, donate_argnums=tuple(donate))
+    t0 = time.perf_counter()
+    traced = jitted.trace(*args)
+    t1 = time.perf_counter()
+    lowered = traced.lower()
+    t2 = time.perf_counter()
+    lowered.compile()
+    t3 = time.perf_counter()
+    return {"trace": t1 - t0, "lower": t2 - t1, "compile": t3 - t2, "total": t3 - t0}
+
+
+def adam_step_compile(tx: optax.GradientTransformation, params: Any) -> dict[str, float]:
+    """Compile phases of one donated update + apply step of ``tx`` on ``params``."""
+    state = tx.init(params)
+
+    def step(p, s, g):
+        updates, s = tx.update(g, s, p)
+        return optax.apply_updates(p, updates), s
+
+    return _phases(step, params, state, params, donate=(0, 1))
+
+
+def adam_rows(leaf_counts: Sequence[int]) -> list[dict[str, Any]]:
+    rows = []
+    for n in leaf_counts:
+        tree = _tree(n)
+        packed = {"flat": jnp.zeros((n * LEAF,), jnp.float32)}
+        cases = {
+            "adam_jax (auto)": (adam_jax.adam(1e-3), tree),
+            "adam_jax[per_leaf]": (adam_jax.adam(1e-3, layout="per_leaf"), tree),
+            "optax": (optax.adam(1e-3), tree),
+            "packed (1 buffer)": (adam_jax.adam(1e-3), packed),
+        }
+        for name, (tx, params) in cases.items():
+            rows.append({"leaves": n, "method": name, **adam_step_compile(tx, params)})
+            print(f"[adam] n={n} {name}: {rows[-1]['total']:.2f} s", flush=True)
+    return rows
+
+
+def _static_slices(ps, flat, offsets):
+    return [p + flat[i * LEAF : (i + 1) * LEAF] for i, p in enumerate(ps)], offsets
+
+
+def _runtime_offsets(ps, flat, offsets):
+    pairs = zip(offsets, ps, strict=True)
+    return [p + lax.dynamic_slice(flat, (o,), (LEAF,)) for o, p in pairs], offsets
+
+
+def _run_ms(fn: Callable, ps, flat, offsets, repeats: int = 7, steps: int = 20) -> float:
+    """Median ms per call of the compiled ``fn`` (params donated), checked once."""
+    compiled = jax.jit(fn, donate_argnums=(0,)).lower(ps, flat, offsets).compile()
+    out, _ = compiled([p + 0 for p in ps], flat, offsets)
+    expect = np.asarray(flat).reshape(len(ps), LEAF)
+    if not all(np.array_equal(np.asarray(o), expect[i]) for i, o in enumerate(out)):
+        raise AssertionError(f"{fn.__name__} computed the wrong slices")
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            out, _ = compiled(out, flat, offsets)
+        jax.block_until_ready(out)
+        times.append((time.perf_counter() - t0) / steps)
+    return 1e3 * statistics.median(times)
+
+
+def kernel_rows(n: int) -> list[dict[str, Any]]:
+    ps = [jnp.zeros((LEAF,), jnp.float32) for _ in range(n)]
+    flat = jnp.arange(n * LEAF, dtype=jnp.float32)
+    offsets = [jnp.int32(i * LEAF) for i in range(n)]
+    rows = [
+        {"case": "identical", **_phases(lambda p: [a * 1.5 for a in p], ps)},
+        {
+            "case": "distinct_constants",
+            **_phases(lambda p: [a * (1.0 + i * 1e-6) for i, a in enumerate(p)], ps),
+        },
+    ]
+    for case, fn in [("static_slices", _static_slices), ("runtime_offsets", _runtime_offsets)]:
+        row = {"case": case, **_phases(fn, ps, flat, offsets)}
+        row["run_ms"] = _run_ms(fn, ps, flat, offsets)
+        rows.append(row)
+    for row in rows:
+        print(f"[kernels] {row['case']}: {row['total']:.2f} s", flush=True)
+    return rows
+
+
+def render(results: dict[str, Any]) -> str:
+    m = results["machine"]
+    lines = [
+        "# Compile time of many-leaf steps — " + m["slug"],
+        "",
+        f"- Command: `python -m benchmarks.compile_time` ({results['date']})",
+        f"- Machine: {m['cpu_model']}, {m['cpu_cores']} cores; {m['platform']}",
+        "- Versions: "
+        + ", ".join(f"{k} {v}" for k, v in results["versions"].items() if v is not None),
+        "",
+        f"## Adam step (update + apply, donated) on n float32 leaves of {LEAF}, seconds",
+        "",
+        "| leaves | method | trace | lower | XLA compile | total |",
+        "| ---: | --- | ---: | ---: | ---: | ---: |",
+    ]
+    for r in results["adam"]:
+        lines.append(
+            f"| {r['leaves']} | {r['method']} | {r['trace']:.2f} | {r['lower']:.2f} "
+            f"| {r['compile']:.2f} | {r['total']:.2f} |"
+        )
+    n = results["kernel_leaves"]
+    lines += [
+        "",
+        f"## The kernel model: {n} outputs of {LEAF} floats, seconds (and run time)",
+        "",
+        "| case | XLA compile | total | run ms |",
+        "| --- | ---: | ---: | ---: |",
+    ]
+    for r in results["kernels"]:
+        run = f"{r['run_ms']:.2f}" if "run_ms" in r else "—"
+        lines.append(f"| {r['case']} | {r['compile']:.2f} | {r['total']:.2f} | {run} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", default=None, help="default: benchmarks/results/<machine>")
+    parser.add_argument("--leaves", default="125,250,500,1000")
+    args = parser.parse_args(argv)
+    device = harness.detect_device()
+    machine = harness.describe_machine(device)
+    counts = [int(x) for x in args.leaves.split(",")]
+    results = {
+        "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "machine": machine,
+        "versions": harness.versions(),
+        "adam": adam_rows(counts),
+        "kernel_leaves": max(counts),
+        "kernels": kernel_rows(max(counts)),
+    }
+    out = Path(args.out or f"benchmarks/results/{machine['slug']}")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "compile_time.json").write_text(json.dumps(results, indent=2))
+    text = render(results)
+    (out / "compile_time.md").write_text(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
