@@ -81,3 +81,22 @@ def test_torch_methods_skipped_cleanly_without_torch(tmp_path):
     assert set(results["skipped_methods"]) == TORCH_METHODS
     assert not TORCH_METHODS & set(results["methods"])
     assert results["versions"]["torch"] is None
+
+
+def test_compile_time_script_writes_rows_for_every_case(tmp_path):
+    from benchmarks import compile_time
+
+    compile_time.main(["--leaves", "3,6", "--out", str(tmp_path)])
+    results = json.loads((tmp_path / "compile_time.json").read_text())
+    methods = {"adam_jax (auto)", "adam_jax[per_leaf]", "optax", "packed (1 buffer)"}
+    assert {(r["leaves"], r["method"]) for r in results["adam"]} == {
+        (n, m) for n in (3, 6) for m in methods
+    }
+    cases = {r["case"]: r for r in results["kernels"]}
+    assert set(cases) == {"identical", "distinct_constants", "static_slices", "runtime_offsets"}
+    for row in [*results["adam"], *results["kernels"]]:
+        assert row["compile"] > 0
+        assert row["total"] >= row["trace"] + row["lower"] + row["compile"] - 1e-9
+    # _run_ms raises unless both slice forms return exactly the slices of the buffer.
+    assert cases["static_slices"]["run_ms"] > 0 and cases["runtime_offsets"]["run_ms"] > 0
+    assert "| 6 | packed (1 buffer) |" in (tmp_path / "compile_time.md").read_text()
