@@ -27,7 +27,6 @@ machine) and compiles identical kernels once, which is what the rows show. Write
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -41,7 +40,7 @@ import optax
 from jax import lax
 
 import adam_jax
-from benchmarks import harness
+from benchmarks import harness, report
 
 LEAF = 1000
 
@@ -187,12 +186,12 @@ def main(argv: Sequence[str] | None = None) -> None:
         "kernel_leaves": max(counts),
         "kernels": kernel_rows(max(counts)),
     }
-    out = Path(args.out or f"benchmarks/results/{machine['slug']}")
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "compile_time.json").write_text(json.dumps(results, indent=2))
-    text = render(results)
-    (out / "compile_time.md").write_text(text)
-    print(text)
+    report.write_pair(
+        results,
+        render(results),
+        Path(args.out or f"benchmarks/results/{machine['slug']}"),
+        "compile_time",
+    )
 
 
 if __name__ == "__main__":

@@ -26,7 +26,6 @@ if "--xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "
     ).strip()
 
 import argparse
-import json
 import math
 import re
 from pathlib import Path
@@ -38,6 +37,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import adam_jax
+from benchmarks import report
 from benchmarks.shapes import GPT2_D512, count_leaves, count_params, gpt2_like, materialize
 
 COLLECTIVES = ("all-reduce", "reduce-scatter", "all-gather", "all-to-all", "collective-permute")
@@ -212,12 +212,7 @@ def main() -> None:
     results["gpt2_d512"] = measure_materialised(mesh)
     results["gpt2_small"] = measure_abstract(mesh)
     results["mlp"] = measure_mlp_training(mesh)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "distributed.json").write_text(json.dumps(results, indent=2))
-    text = render(results)
-    (out / "distributed.md").write_text(text)
-    print(text)
+    report.write_pair(results, render(results), Path(args.out), "distributed")
 
 
 if __name__ == "__main__":

@@ -1,4 +1,8 @@
-"""Writes a run's results as ``results.json``, ``results.md`` and ``throughput.png``."""
+"""Writes a run's results as ``results.json``, ``results.md`` and ``throughput.png``.
+
+:func:`write_pair` is the same for the smaller studies (``distributed``,
+``compile_time``): ``<stem>.json`` and ``<stem>.md`` side by side.
+"""
 
 from __future__ import annotations
 
@@ -254,3 +258,13 @@ def write(
         paths.append(out_dir / "throughput.png")
         plot(results, paths[-1])
     return paths
+
+
+def write_pair(
+    results: dict[str, Any], markdown_text: str, out_dir: pathlib.Path, stem: str
+) -> None:
+    """Writes ``<stem>.json`` and ``<stem>.md`` to ``out_dir`` and prints the markdown."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / f"{stem}.json").write_text(json.dumps(results, indent=2))
+    (out_dir / f"{stem}.md").write_text(markdown_text)
+    print(markdown_text)
