@@ -13,9 +13,12 @@ measures, in one run:
   ``distinct_constants`` (``a * (1 + i * 1e-6)``: 1000 kernels that differ only
   in a constant), ``static_slices`` (``p_i + u[i*k:(i+1)*k]`` of one flat buffer:
   what the grouped layout emits) and ``runtime_offsets`` (the same slices as
-  ``dynamic_slice`` with each offset passed in as its own int32 scalar argument,
-  so the 1000 fused kernels are identical). For the two slice variants the run
-  time of the compiled program is measured too.
+  ``dynamic_slice`` with each offset passed in, and returned, as its own int32
+  scalar, as optimizer state would carry them, so the 1000 fused kernels are
+  identical) and ``opaque_while`` (the same ``dynamic_slice`` kernels, the offsets
+  made runtime values inside the program as the carry of a ``while_loop`` that
+  runs 0 times). For the three slice variants the run time of the compiled
+  program is measured too.
 
 XLA:CPU compiles each distinct fused kernel separately (several ms each on this
 machine) and compiles identical kernels once, which is what the rows show. Writes
@@ -90,19 +93,43 @@ def adam_rows(leaf_counts: Sequence[int]) -> list[dict[str, Any]]:
     return rows
 
 
-def _static_slices(ps, flat, offsets):
-    return [p + flat[i * LEAF : (i + 1) * LEAF] for i, p in enumerate(ps)], offsets
+def _static_slices(ps, flat, extra):
+    del extra
+    return [p + flat[i * LEAF : (i + 1) * LEAF] for i, p in enumerate(ps)]
 
 
 def _runtime_offsets(ps, flat, offsets):
+    """Offsets as one int32 argument each, returned again, as optimizer state would be."""
     pairs = zip(offsets, ps, strict=True)
     return [p + lax.dynamic_slice(flat, (o,), (LEAF,)) for o, p in pairs], offsets
 
 
-def _run_ms(fn: Callable, ps, flat, offsets, repeats: int = 7, steps: int = 20) -> float:
+def _opaque(values: Sequence[int], runtime_int: jax.Array) -> tuple[jax.Array, ...]:
+    """``values`` as runtime scalars XLA cannot fold: the carry of a loop that runs 0 times."""
+    start = jnp.minimum(runtime_int, 0) - 1  # < 0 for any count >= 0, not provable
+
+    def body(carry):
+        return (carry[0] - 1, *[v + carry[0] for v in carry[1:]])
+
+    out = lax.while_loop(lambda c: c[0] > 0, body, (start, *map(jnp.int32, values)))
+    return out[1:]
+
+
+def _opaque_while(ps, flat, count):
+    offsets = _opaque([i * LEAF for i in range(len(ps))], count)
+    pairs = zip(offsets, ps, strict=True)
+    return [p + lax.dynamic_slice(flat, (o,), (LEAF,)) for o, p in pairs]
+
+
+def _run_ms(fn: Callable, ps, flat, extra, repeats: int = 7, steps: int = 20) -> float:
     """Median ms per call of the compiled ``fn`` (params donated), checked once."""
-    compiled = jax.jit(fn, donate_argnums=(0,)).lower(ps, flat, offsets).compile()
-    out, _ = compiled([p + 0 for p in ps], flat, offsets)
+    compiled = jax.jit(fn, donate_argnums=(0,)).lower(ps, flat, extra).compile()
+
+    def call(params):
+        out = compiled(params, flat, extra)
+        return out[0] if isinstance(out, tuple) else out
+
+    out = call([p + 0 for p in ps])
     expect = np.asarray(flat).reshape(len(ps), LEAF)
     if not all(np.array_equal(np.asarray(o), expect[i]) for i, o in enumerate(out)):
         raise AssertionError(f"{fn.__name__} computed the wrong slices")
@@ -110,7 +137,7 @@ def _run_ms(fn: Callable, ps, flat, offsets, repeats: int = 7, steps: int = 20) 
     for _ in range(repeats):
         t0 = time.perf_counter()
         for _ in range(steps):
-            out, _ = compiled(out, flat, offsets)
+            out = call(out)
         jax.block_until_ready(out)
         times.append((time.perf_counter() - t0) / steps)
     return 1e3 * statistics.median(times)
@@ -119,7 +146,6 @@ def _run_ms(fn: Callable, ps, flat, offsets, repeats: int = 7, steps: int = 20) 
 def kernel_rows(n: int) -> list[dict[str, Any]]:
     ps = [jnp.zeros((LEAF,), jnp.float32) for _ in range(n)]
     flat = jnp.arange(n * LEAF, dtype=jnp.float32)
-    offsets = [jnp.int32(i * LEAF) for i in range(n)]
     rows = [
         {"case": "identical", **_phases(lambda p: [a * 1.5 for a in p], ps)},
         {
@@ -127,9 +153,14 @@ def kernel_rows(n: int) -> list[dict[str, Any]]:
             **_phases(lambda p: [a * (1.0 + i * 1e-6) for i, a in enumerate(p)], ps),
         },
     ]
-    for case, fn in [("static_slices", _static_slices), ("runtime_offsets", _runtime_offsets)]:
-        row = {"case": case, **_phases(fn, ps, flat, offsets)}
-        row["run_ms"] = _run_ms(fn, ps, flat, offsets)
+    slice_cases = [
+        ("static_slices", _static_slices, ()),
+        ("runtime_offsets", _runtime_offsets, [jnp.int32(i * LEAF) for i in range(n)]),
+        ("opaque_while", _opaque_while, jnp.int32(0)),
+    ]
+    for case, fn, extra in slice_cases:
+        row = {"case": case, **_phases(fn, ps, flat, extra)}
+        row["run_ms"] = _run_ms(fn, ps, flat, extra)
         rows.append(row)
     for row in rows:
         print(f"[kernels] {row['case']}: {row['total']:.2f} s", flush=True)
