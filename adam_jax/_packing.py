@@ -24,7 +24,11 @@ Example (Flax NNX)::
       return optax.apply_updates(packed, updates), opt_state, loss
 
 Weight-decay masks act per buffer: give ``ParamPacker`` a ``group_fn`` that
-separates decayed from non-decayed leaves, then mask the buffers.
+separates decayed from non-decayed leaves, and turn the usual per-leaf mask into
+one flag per buffer with :meth:`ParamPacker.pack_mask`::
+
+  packer = adam_jax.ParamPacker(params, group_fn=lambda path, p: p.ndim > 1)
+  tx = adam_jax.adamw(1e-3, mask=packer.pack_mask(jax.tree.map(lambda p: p.ndim > 1, params)))
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
+import numpy as np
 
 from adam_jax._layout import GroupPlan, make_plan
 
@@ -61,6 +66,49 @@ class ParamPacker:
         if len(packed) != len(self.plan.parts):
             raise ValueError(f"Expected {len(self.plan.parts)} packed buffers, got {len(packed)}.")
         return self.plan.treedef.unflatten(self.plan.scatter(packed))
+
+    def pack_mask(self, mask: Any) -> tuple[bool, ...]:
+        """A per-leaf boolean mask (as ``optax`` masks take) -> one flag per buffer.
+
+        Use it for ``mask=`` of ``adamw`` and friends on packed params: a mask by
+        ``ndim`` applied to the flat buffers themselves would see only vectors.
+        ``mask`` has the params' structure with one Python or NumPy bool per leaf.
+
+        Raises:
+          ValueError: ``mask`` does not have the packed tree's leaves, or a buffer
+            holds leaves with both values (pass a ``group_fn`` that separates them).
+          TypeError: a mask leaf is not a bool (e.g. a traced or array value).
+        """
+        with_paths = jax.tree_util.tree_flatten_with_path(mask)[0]
+        if len(with_paths) != len(self.plan.paths):
+            got = [jax.tree_util.keystr(path) for path, _ in with_paths]
+            raise ValueError(
+                f"mask has {len(got)} leaves but the packer was built for "
+                f"{len(self.plan.paths)}; mask leaves: {', '.join(got[:8])}; packed leaves: "
+                f"{', '.join(self.plan.paths[:8])}"
+            )
+        flags = []
+        for path, leaf in with_paths:
+            if not isinstance(leaf, bool | np.bool_):
+                raise TypeError(
+                    f"mask leaf {jax.tree_util.keystr(path)} must be a bool, got "
+                    f"{type(leaf).__name__}"
+                )
+            flags.append(bool(leaf))
+        out = []
+        for part in self.plan.parts:
+            values = {flags[i] for i in part.leaves}
+            if len(values) > 1:
+                on = [self.plan.paths[i] for i in part.leaves if flags[i]]
+                off = [self.plan.paths[i] for i in part.leaves if not flags[i]]
+                raise ValueError(
+                    "A packed buffer holds leaves the mask selects and leaves it does not "
+                    f"(True: {', '.join(on[:4])}; False: {', '.join(off[:4])}). Build the "
+                    "ParamPacker with a group_fn that separates them, e.g. "
+                    "group_fn=lambda path, leaf: <the mask's rule>."
+                )
+            out.append(values.pop())
+        return tuple(out)
 
     def buffer_labels(self) -> list[str]:
         """One line per buffer: which leaves it holds (for masks and debugging)."""

@@ -37,6 +37,57 @@ def test_round_trip_mixed_dtypes_and_group_fn():
         packer.pack({**params, "b": jnp.ones(4, jnp.float32)})
 
 
+def _decays(path, leaf):
+    return leaf.ndim > 1
+
+
+def test_pack_mask_packed_adamw_equals_masked_adamw_on_the_tree():
+    rng = np.random.default_rng(1)
+    params = {
+        "w1": jnp.asarray(rng.normal(size=(3, 4)), jnp.float32),
+        "b1": jnp.asarray(rng.normal(size=(4,)), jnp.float32),
+        "w2": jnp.asarray(rng.normal(size=(4, 2)), jnp.float32),
+        "b2": jnp.asarray(rng.normal(size=(2,)), jnp.float32),
+    }
+    mask = jax.tree.map(lambda p: p.ndim > 1, params)
+    packer = adam_jax.ParamPacker(params, group_fn=_decays)
+    buffer_mask = packer.pack_mask(mask)
+    assert sorted(buffer_mask) == [False, True]
+    for flag, label in zip(buffer_mask, packer.buffer_labels(), strict=True):
+        assert ("w1" in label) == flag and ("b1" in label) == (not flag)
+
+    tree_tx = adam_jax.adamw(1e-2, weight_decay=0.5, mask=mask)
+    packed_tx = adam_jax.adamw(1e-2, weight_decay=0.5, mask=buffer_mask)
+    tree, tree_state = params, tree_tx.init(params)
+    packed = packer.pack(params)
+    packed_state = packed_tx.init(packed)
+    for step in range(5):
+        grads = jax.tree.map(lambda p, s=step: jnp.cos(p * (s + 1)), params)
+        updates, tree_state = tree_tx.update(grads, tree_state, tree)
+        tree = optax.apply_updates(tree, updates)
+        updates, packed_state = packed_tx.update(packer.pack(grads), packed_state, packed)
+        packed = optax.apply_updates(packed, updates)
+    for k, v in packer.unpack(packed).items():
+        np.testing.assert_array_equal(np.asarray(v), np.asarray(tree[k]), err_msg=k)
+    # The mask mattered: without it the biases would have decayed too.
+    unmasked = adam_jax.adamw(1e-2, weight_decay=0.5)
+    u, _ = unmasked.update(packer.pack(params), unmasked.init(packed), packer.pack(params))
+    m, _ = packed_tx.update(packer.pack(params), packed_tx.init(packed), packer.pack(params))
+    assert any(not np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(u, m, strict=True))
+
+
+def test_pack_mask_errors_name_the_leaves():
+    params = {"w": jnp.ones((2, 2)), "b": jnp.ones(2)}
+    mask = {"w": True, "b": False}
+    with pytest.raises(ValueError, match=r"True: \['w'\]; False: \['b'\]"):
+        adam_jax.ParamPacker(params).pack_mask(mask)  # one buffer holds both
+    packer = adam_jax.ParamPacker(params, group_fn=_decays)
+    with pytest.raises(TypeError, match=r"\['b'\] must be a bool, got ArrayImpl"):
+        packer.pack_mask({"w": True, "b": jnp.asarray(False)})
+    with pytest.raises(ValueError, match="mask has 1 leaves but the packer was built for 2"):
+        packer.pack_mask({"w": True})
+
+
 class MLP(nnx.Module):
     def __init__(self, rngs):
         self.l1 = nnx.Linear(4, 32, rngs=rngs)

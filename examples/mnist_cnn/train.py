@@ -77,20 +77,15 @@ def decay_mask(params: optax.Params) -> Any:
 def packed_decay_mask(packer: adam_jax.ParamPacker, params: nnx.State) -> tuple[bool, ...]:
     """:func:`decay_mask` per packed buffer: True for the buffers that hold kernels.
 
-    The buffers are flat, so a mask by ``ndim`` on them would decay nothing; this
-    packs the per-leaf flags instead. ``packer`` must group leaves by
-    :func:`is_decayed` (``group_fn``) so that no buffer mixes kernels and biases.
+    The buffers are flat, so a mask by ``ndim`` on them would decay nothing;
+    ``ParamPacker.pack_mask`` turns the per-leaf flags into one per buffer.
+    ``packer`` must group leaves by :func:`is_decayed` (``group_fn``) so that no
+    buffer mixes kernels and biases.
 
     Raises:
       ValueError: a buffer holds both decayed and non-decayed leaves.
     """
-    per_leaf = jax.tree.map(lambda p, d: np.full(p.shape, d), params, decay_mask(params))
-    flags = packer.pack(per_leaf)
-    mask = tuple(bool(f.all()) for f in flags)
-    for f, m, label in zip(flags, mask, packer.buffer_labels(), strict=True):
-        if bool(f.any()) != m:
-            raise ValueError(f"a packed buffer mixes decayed and non-decayed leaves: {label}")
-    return mask
+    return packer.pack_mask(decay_mask(params))
 
 
 def make_optimizer(
