@@ -102,19 +102,18 @@ def scale_by_adam_with_convention(
     def init_fn(params) -> AdamState:
         check_inexact_leaves(params, name="params")
         plan = use_grouped_plan(params, layout, max_grouped_size)
-        if plan is not None:
-            mu = grouped_zeros(params, plan, mu_dtype_of)
-            nu = grouped_zeros(params, plan, nu_dtype_of)
-            nu_max = grouped_zeros(params, plan, nu_dtype_of) if amsgrad else None
-        else:
-            mu = jax.tree.map(lambda p: zeros_like_param(p, mu_dtype_of(p.dtype)), params)
-            nu = jax.tree.map(lambda p: zeros_like_param(p, nu_dtype_of(p.dtype)), params)
-            nu_max = (
-                jax.tree.map(lambda p: zeros_like_param(p, nu_dtype_of(p.dtype)), params)
-                if amsgrad
-                else None
-            )
-        return AdamState(count=jnp.zeros([], jnp.int32), mu=mu, nu=nu, nu_max=nu_max)
+
+        def zeros(dtype_of):
+            if plan is not None:
+                return grouped_zeros(params, plan, dtype_of)
+            return jax.tree.map(lambda p: zeros_like_param(p, dtype_of(p.dtype)), params)
+
+        return AdamState(
+            count=jnp.zeros([], jnp.int32),
+            mu=zeros(mu_dtype_of),
+            nu=zeros(nu_dtype_of),
+            nu_max=zeros(nu_dtype_of) if amsgrad else None,
+        )
 
     def update_fn(updates, state: AdamState, params=None):
         del params

@@ -39,6 +39,14 @@ from jax.sharding import PartitionSpec as P
 import adam_jax
 from benchmarks import report
 from benchmarks.shapes import GPT2_D512, count_leaves, count_params, gpt2_like, materialize
+from tests.distributed_model import (
+    bytes_on_device0,
+    make_batches,
+    make_params,
+    make_step,
+    max_abs_diff,
+    train,
+)
 
 COLLECTIVES = ("all-reduce", "reduce-scatter", "all-gather", "all-to-all", "collective-permute")
 STEPS = 5
@@ -46,16 +54,6 @@ STEPS = 5
 
 def count_collectives(hlo: str) -> dict[str, int]:
     return {c: len(re.findall(rf"\s{c}(?:-start)?\(", hlo)) for c in COLLECTIVES}
-
-
-def bytes_on_device0(tree) -> int:
-    device = jax.devices()[0]
-    return sum(
-        s.data.nbytes
-        for leaf in jax.tree.leaves(tree)
-        for s in leaf.addressable_shards
-        if s.device == device
-    )
 
 
 def abstract_bytes_on_device0(abstract, shardings) -> int:
@@ -133,8 +131,6 @@ def measure_abstract(mesh) -> dict:
 
 def measure_mlp_training(mesh) -> dict:
     """The test MLP: batches split over "data", ZeRO-1, against one device."""
-    from tests.distributed_model import make_batches, make_params, make_step, max_abs_diff, train
-
     tx = adam_jax.adamw(1e-2, weight_decay=0.1)
     want, _, _ = train(tx, make_params(), make_batches(STEPS))
     split = NamedSharding(mesh, P("data"))

@@ -97,3 +97,14 @@ def max_abs_diff(a, b) -> float:
         for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True)
     ]
     return max(diffs)
+
+
+def bytes_on_device0(tree) -> int:
+    """Bytes of ``tree``'s arrays held by ``jax.devices()[0]`` (per-device memory)."""
+    device = jax.devices()[0]
+    return sum(
+        shard.data.nbytes
+        for leaf in jax.tree.leaves(tree)
+        for shard in leaf.addressable_shards
+        if shard.device == device
+    )

@@ -74,27 +74,14 @@ def decay_mask(params: optax.Params) -> Any:
     return jax.tree.map(is_decayed, params)
 
 
-def packed_decay_mask(packer: adam_jax.ParamPacker, params: nnx.State) -> tuple[bool, ...]:
-    """:func:`decay_mask` per packed buffer: True for the buffers that hold kernels.
-
-    The buffers are flat, so a mask by ``ndim`` on them would decay nothing;
-    ``ParamPacker.pack_mask`` turns the per-leaf flags into one per buffer.
-    ``packer`` must group leaves by :func:`is_decayed` (``group_fn``) so that no
-    buffer mixes kernels and biases.
-
-    Raises:
-      ValueError: a buffer holds both decayed and non-decayed leaves.
-    """
-    return packer.pack_mask(decay_mask(params))
-
-
 def make_optimizer(
     cfg: Config, steps_per_epoch: int, mask: Any = decay_mask, mesh: Any = None
 ) -> optax.GradientTransformation:
     """``adam_jax.adamw`` or ``optax.adamw`` with identical hyperparameters.
 
     ``mask`` selects the leaves that decay: :func:`decay_mask` for the params
-    tree, :func:`packed_decay_mask` for packed buffers. With ``cfg.zero1`` the
+    tree, ``packer.pack_mask(decay_mask(params))`` (one flag per buffer) for packed
+    buffers. With ``cfg.zero1`` the
     state is partitioned over ``mesh``'s ``"data"`` axis.
     """
     adamw = adam_jax.adamw if cfg.optimizer == "adam_jax" else optax.adamw
@@ -158,7 +145,7 @@ def create_packed(
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     packer = adam_jax.ParamPacker(params, group_fn=lambda path, p: is_decayed(p))
     packed = parallel.replicate(packer.pack(params), mesh)
-    mask = packed_decay_mask(packer, params)
+    mask = packer.pack_mask(decay_mask(params))  # a mask by ndim on flat buffers decays none
     tx = make_optimizer(cfg, steps_per_epoch, mask=mask, mesh=mesh)
     return model, Packing(graphdef, rest, packer, tx, mask), PackedState(packed, tx.init(packed))
 
