@@ -277,6 +277,12 @@ def all_methods(layouts: list[str] | None = None) -> tuple[list[Method], dict[st
             lambda: JaxRunner("optax", lambda: optax.adam(LEARNING_RATE), "optax.adam"),
         ),
         Method(
+            "optax_again",
+            "a second, independent optax.adam runner (the same compiled program as "
+            "optax): its ratio to optax is the timing noise of this run (A/A control)",
+            lambda: JaxRunner("optax_again", lambda: optax.adam(LEARNING_RATE), "optax.adam"),
+        ),
+        Method(
             "optax_flatten",
             "optax.flatten(optax.adam): state is one flat buffer; grads and params "
             "are concatenated every step",

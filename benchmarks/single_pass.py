@@ -72,6 +72,7 @@ from adam_jax._numerics import (
     to_scalar,
 )
 from benchmarks import triad
+from benchmarks.hlo import hlo_passes
 from benchmarks.methods import ceil_div_time, torch
 
 LR, B1, B2, EPS = 1e-3, 0.9, 0.999, 1e-8
@@ -419,79 +420,6 @@ def v_ffi() -> JaxVariant:
         return (*out, count_inc)
 
     return _plain("ffi_cpp", "C++ one-pass kernel on XLA's intra-op pool, via jax.ffi", core)
-
-
-# ------------------------------------------------------------------ HLO reading
-
-_DT_BYTES = {"f32": 4, "s32": 4, "u32": 4, "f16": 2, "bf16": 2, "f64": 8, "pred": 1, "s64": 8}
-_SHAPE = re.compile(r"\b(f32|s32|u32|f16|bf16|f64|pred|s64)\[([0-9,]*)\]")
-_INSTR = re.compile(r"^\s*(?:ROOT\s+)?%(\S+)\s*=\s*(.*?)\s+([a-z\-]+)\((.*?)\)(.*)$")
-
-
-def _shape_bytes(text: str) -> int:
-    total = 0
-    for dt, dims in _SHAPE.findall(text):
-        total += _DT_BYTES[dt] * int(np.prod([int(d) for d in dims.split(",") if d] or [1]))
-    return total
-
-
-def _computations(hlo: str) -> dict[str, list[str]]:
-    comps: dict[str, list[str]] = {}
-    cur = None
-    for line in hlo.splitlines():
-        m = re.match(r"^(ENTRY\s+)?%(\S+)\s.*\{\s*$", line)
-        if m:
-            cur = "ENTRY" if m.group(1) else m.group(2)
-            comps[cur] = []
-        elif line.startswith("}"):
-            cur = None
-        elif cur is not None:
-            comps[cur].append(line)
-    return comps
-
-
-def hlo_passes(hlo: str, n: int) -> dict[str, Any]:
-    """Element-wise passes over the big arrays and the bytes/param they move.
-
-    A pass is a fusion, copy, custom-call or other op whose result is at least
-    n/4 elements (or, inside a while body, the body's fusions). Bytes: each
-    pass's distinct big operands read plus its big results written.
-    """
-    comps = _computations(hlo)
-    big = n  # bytes threshold: a quarter of an f32 array of n elements
-
-    def analyse(lines: list[str]) -> tuple[list[str], int, list[str]]:
-        sizes: dict[str, int] = {}
-        passes, moved, whiles = [], 0, []
-        for line in lines:
-            mt = _INSTR.match(re.sub(r", metadata=\{[^}]*\}", "", line))
-            if not mt:
-                continue
-            name, shape, op, operands, rest = mt.groups()
-            sizes[name] = _shape_bytes(shape)
-            if op in ("parameter", "get-tuple-element", "tuple", "constant", "bitcast"):
-                continue
-            if op == "while":
-                body = re.search(r"body=%(\S+?)[,\s]", rest + " ")
-                whiles.append(body.group(1) if body else "?")
-                continue
-            ops = {o.strip().lstrip("%") for o in operands.split(",") if o.strip()}
-            out_b = sizes[name]
-            in_b = sum(sizes.get(o, 0) for o in ops if sizes.get(o, 0) >= big)
-            if out_b >= big or (op == "custom-call" and in_b >= big):
-                kind = re.search(r"kind=(\w+)", rest)
-                passes.append(f"{op}{'(' + kind.group(1) + ')' if kind else ''}")
-                moved += in_b + (out_b if out_b >= big else 0)
-        return passes, moved, whiles
-
-    passes, moved, whiles = analyse(comps.get("ENTRY", []))
-    out: dict[str, Any] = {"passes": len(passes), "ops": passes, "bytes_per_param": moved / n}
-    if whiles:
-        body = comps.get(whiles[0], [])
-        nfus = sum(1 for ln in body if re.search(r"\bfusion\(", ln))
-        out["while_body_fusions"] = nfus
-    out["copies"] = sum(1 for ln in comps.get("ENTRY", []) if re.search(r"\bcopy\(", ln))
-    return out
 
 
 # ------------------------------------------------------------------ runners
