@@ -424,11 +424,36 @@ def end_to_end(cfg: Config) -> dict[str, Any]:
 # ---------------------------------------------------------------- whole run
 
 
+def paired_ratio(
+    ref_times: list[float], times: list[float], *, n_boot: int = 2000, seed: int = 0
+) -> dict[str, float]:
+    """Median over repeats of ``ref_time / time``, with a 95 % bootstrap interval.
+
+    Methods run round-robin within each repeat, so repeat ``i`` of two methods ran
+    a few hundred ms apart: the per-repeat ratio cancels the machine's drift
+    between repeats, which the ratio of two medians does not. The interval is the
+    2.5-97.5 percentile range of the median over ``n_boot`` resamples of the
+    repeats (fixed seed, so a rerun of the report gives the same figures).
+    """
+    ratios = np.asarray(ref_times, dtype=np.float64) / np.asarray(times, dtype=np.float64)
+    rng = np.random.default_rng(seed)
+    resampled = rng.choice(ratios, size=(n_boot, ratios.size), replace=True)
+    boot = np.median(resampled, axis=1)
+    lo, hi = np.percentile(boot, [2.5, 97.5])
+    return {"median": float(np.median(ratios)), "lo": float(lo), "hi": float(hi)}
+
+
 def add_ratios(shape_result: dict[str, Any], roofline: float) -> None:
     res = shape_result["results"]
     for ref, key in (("optax", "ratio_vs_optax"), ("torch_fused", "ratio_vs_torch_fused")):
         for r in res.values():
             r[key] = res[ref]["ms_per_step"] / r["ms_per_step"] if ref in res else None
+    ref = res.get("optax")
+    for r in res.values():
+        # Only methods timed in the same round-robin group as optax are paired.
+        same_group = ref is not None and r.get("group") == ref.get("group")
+        if same_group and len(r["repeat_ms_per_step"]) == len(ref["repeat_ms_per_step"]):
+            r["paired_vs_optax"] = paired_ratio(ref["repeat_ms_per_step"], r["repeat_ms_per_step"])
     for r in res.values():
         r["roofline_fraction"] = r["mparams_per_s"] / roofline
 

@@ -58,6 +58,13 @@ def _shape_table(
     return _table(headers, rows, align_right_from=1)
 
 
+def _paired_cell(r: dict[str, Any]) -> str:
+    p = r.get("paired_vs_optax")
+    if p is None:
+        return "—"
+    return f"{_num(p['median'])} [{_num(p['lo'])}, {_num(p['hi'])}]"
+
+
 def _bytes(x: int | None) -> str:
     return "—" if x is None else f"{x / _GIB:.2f} GiB"
 
@@ -106,6 +113,15 @@ def markdown(results: dict[str, Any]) -> str:
     add(_shape_table(results, lambda r: _num(r["mparams_per_s"]), bold_best="mparams_per_s"))
     add("\n## Speed-up vs optax (time_optax / time_method; > 1 is faster than optax.adam)\n")
     add(_shape_table(results, lambda r: _num(r.get("ratio_vs_optax"))))
+    add(
+        "\n## Paired speed-up vs optax, with a 95 % interval\n\n"
+        "Median over repeats of the per-repeat ratio time_optax / time_method (methods run "
+        "round-robin within a repeat, so this cancels drift between repeats), and in "
+        "brackets the 2.5-97.5 percentile bootstrap interval of that median. "
+        "`optax_again`, when present, is a second optax.adam runner: its row is the "
+        "noise of this run (an A/A control).\n"
+    )
+    add(_shape_table(results, _paired_cell))
     add("\n## Speed-up vs torch fused (time_torch_fused / time_method)\n")
     add(_shape_table(results, lambda r: _num(r.get("ratio_vs_torch_fused"))))
     add(

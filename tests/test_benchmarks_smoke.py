@@ -12,7 +12,7 @@ import sys
 import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-JAX_METHODS = {"adam_jax", "optax", "optax_flatten", "flat_buffer"}
+JAX_METHODS = {"adam_jax", "optax", "optax_again", "optax_flatten", "flat_buffer"}
 TORCH_METHODS = {"torch_single", "torch_foreach", "torch_fused"}
 HAS_TORCH = importlib.util.find_spec("torch") is not None
 QUICK = ["--quick", "--repeats", "2", "--min-repeat-ms", "1", "--triad-n", "100000"]
@@ -51,8 +51,13 @@ def _check_results(out: pathlib.Path, shapes: list[str], methods: set[str]) -> d
             assert len(res["repeat_ms_per_step"]) == 2
             assert all(t > 0 for t in res["repeat_ms_per_step"])
             assert all(v > 0 for v in res["setup"].values())
+            paired = res["paired_vs_optax"]
+            assert 0 < paired["lo"] <= paired["median"] <= paired["hi"]
+        optax_paired = shape["results"]["optax"]["paired_vs_optax"]
+        assert optax_paired == {"median": 1.0, "lo": 1.0, "hi": 1.0}
     markdown = (out / "results.md").read_text()
     assert "| shape | leaves | params |" in markdown
+    assert "## Paired speed-up vs optax" in markdown
     for name in results["methods"]:
         assert f"`{name}`" in markdown
     return results
@@ -101,3 +106,15 @@ def test_compile_time_script_writes_rows_for_every_case(tmp_path):
     # _run_ms raises unless every slice form returns exactly the slices of the buffer.
     assert all(cases[c]["run_ms"] > 0 for c in slice_cases)
     assert "| 6 | packed (1 buffer) |" in (tmp_path / "compile_time.md").read_text()
+
+
+def test_paired_ratio_is_the_median_of_per_repeat_ratios():
+    from benchmarks.harness import paired_ratio
+
+    # Drift that moves both methods together cancels in the per-repeat ratio.
+    ref = [2.0, 4.0, 8.0, 2.2, 4.4]
+    faster = [t / 2 for t in ref]
+    out = paired_ratio(ref, faster)
+    assert out == pytest.approx({"median": 2.0, "lo": 2.0, "hi": 2.0})
+    noisy = paired_ratio([1.0, 1.0, 1.0, 1.0], [1.0, 0.5, 2.0, 1.0])
+    assert noisy["lo"] < noisy["median"] == 1.0 < noisy["hi"]
