@@ -20,6 +20,11 @@ measures, in one run:
   runs 0 times). For the three slice variants the run time of the compiled
   program is measured too.
 
+* **Where XLA's compile goes** at the largest leaf count: a child process with
+  XLA's pass log on (``TF_CPP_VMODULE=hlo_pass_pipeline=1``) splits each step's
+  XLA compile into the HLO pass pipelines and the rest (buffer assignment and
+  LLVM code generation of the kernels).
+
 XLA:CPU compiles each distinct fused kernel separately (several ms each on this
 machine) and compiles identical kernels once, which is what the rows show. Writes
 ``compile_time.md`` and ``compile_time.json`` to ``--out``.
@@ -30,7 +35,11 @@ machine) and compiles identical kernels once, which is what the rows show. Write
 from __future__ import annotations
 
 import argparse
+import os
+import re
 import statistics
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -65,15 +74,19 @@ def _phases(fn: Callable, *args: Any, donate: Sequence[int] = ()) -> dict[str, f
     return {"trace": t1 - t0, "lower": t2 - t1, "compile": t3 - t2, "total": t3 - t0}
 
 
-def adam_step_compile(tx: optax.GradientTransformation, params: Any) -> dict[str, float]:
-    """Compile phases of one donated update + apply step of ``tx`` on ``params``."""
-    state = tx.init(params)
+def _step_fn(tx: optax.GradientTransformation) -> Callable:
+    """One update + apply step; jitted, its module is ``jit_step``."""
 
     def step(p, s, g):
         updates, s = tx.update(g, s, p)
         return optax.apply_updates(p, updates), s
 
-    return _phases(step, params, state, params, donate=(0, 1))
+    return step
+
+
+def adam_step_compile(tx: optax.GradientTransformation, params: Any) -> dict[str, float]:
+    """Compile phases of one donated update + apply step of ``tx`` on ``params``."""
+    return _phases(_step_fn(tx), params, tx.init(params), params, donate=(0, 1))
 
 
 def adam_rows(leaf_counts: Sequence[int]) -> list[dict[str, Any]]:
@@ -167,6 +180,106 @@ def kernel_rows(n: int) -> list[dict[str, Any]]:
     return rows
 
 
+_PASS_LOG_ENV = {"TF_CPP_MIN_LOG_LEVEL": "0", "TF_CPP_VMODULE": "hlo_pass_pipeline=1"}
+_MARK = "### adam_jax compile_time case: "
+_GLOG = re.compile(r"^[IWEF]\d{4} (\d\d):(\d\d):(\d\d\.\d+)\s")
+
+
+def _pass_log_child(n: int) -> None:
+    """Child process: compiles each step case once, XLA's pass log on stderr."""
+    tree = _tree(n)
+    for name, tx in _split_cases().items():
+        jitted = jax.jit(_step_fn(tx), donate_argnums=(0, 1))
+        lowered = jitted.trace(tree, tx.init(tree), tree).lower()
+        print(_MARK + name, file=sys.stderr, flush=True)
+        t0 = time.perf_counter()
+        lowered.compile()
+        print(
+            f"{_MARK}{name} compile_s={time.perf_counter() - t0:.4f}", file=sys.stderr, flush=True
+        )
+
+
+def _split_cases() -> dict[str, optax.GradientTransformation]:
+    return {
+        "adam_jax (auto)": adam_jax.adam(1e-3),
+        "adam_jax[per_leaf]": adam_jax.adam(1e-3, layout="per_leaf"),
+        "optax": optax.adam(1e-3),
+    }
+
+
+def parse_pass_log(text: str) -> list[dict[str, Any]]:
+    """Splits each case's XLA compile into the HLO pass pipelines and the rest.
+
+    ``hlo_passes`` is the wall time from the first to the last pass-pipeline log
+    line of the step's module (``jit_step``); the rest of the compile is buffer
+    assignment, LLVM code generation of the kernels and thunk emission. The two
+    passes that took longest are listed (nested pipelines excluded).
+    """
+    rows: list[dict[str, Any]] = []
+    case, in_step, pipe = None, False, ""
+    first = last = None
+    passes: dict[str, float] = {}
+    for line in text.splitlines():
+        if line.startswith(_MARK):
+            rest = line[len(_MARK) :]
+            if " compile_s=" not in rest:  # a case starts
+                case, in_step, first, last, passes = rest, False, None, None, {}
+                continue
+            name, value = rest.rsplit(" compile_s=", 1)
+            span = 0.0 if first is None else last - first
+            top = sorted(passes.items(), key=lambda kv: -kv[1])[:2]
+            rows.append(
+                {
+                    "method": name,
+                    "compile": float(value),
+                    "hlo_passes": span,
+                    "rest": float(value) - span,
+                    "top_passes": [list(kv) for kv in top],
+                }
+            )
+            case = None
+            continue
+        if case is None:
+            continue
+        header = re.search(r"Running HLO pass pipeline on module (\S+): (.*)$", line)
+        if header:
+            in_step, pipe = header.group(1) == "jit_step", header.group(2)
+        if not in_step:
+            continue
+        stamp = _GLOG.match(line)
+        if stamp:
+            t = int(stamp.group(1)) * 3600 + int(stamp.group(2)) * 60 + float(stamp.group(3))
+            first = t if first is None else first
+            last = t
+        timed = re.search(r"HLO pass: (.+?) time: ([\d.]+) (us|ms|s) ", line)
+        if timed and timed.group(1) != pipe:  # a nested pipeline's total would count twice
+            scale = {"us": 1e-6, "ms": 1e-3, "s": 1.0}[timed.group(3)]
+            passes[timed.group(1)] = passes.get(timed.group(1), 0.0) + float(timed.group(2)) * scale
+    return rows
+
+
+def pass_split_rows(n: int) -> list[dict[str, Any]]:
+    """Runs :func:`_pass_log_child` in a child process with XLA's pass log on."""
+    env = {**os.environ, **_PASS_LOG_ENV}
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.compile_time", "--_pass-log-child", str(n)],
+        cwd=Path(__file__).resolve().parents[1],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=True,
+    )
+    rows = parse_pass_log(proc.stderr)
+    for row in rows:
+        print(
+            f"[passes] {row['method']}: compile {row['compile']:.2f} s, "
+            f"HLO passes {row['hlo_passes']:.2f} s",
+            flush=True,
+        )
+    return rows
+
+
 def render(results: dict[str, Any]) -> str:
     m = results["machine"]
     lines = [
@@ -198,6 +311,24 @@ def render(results: dict[str, Any]) -> str:
     for r in results["kernels"]:
         run = f"{r['run_ms']:.2f}" if "run_ms" in r else "—"
         lines.append(f"| {r['case']} | {r['compile']:.2f} | {r['total']:.2f} | {run} |")
+    if results.get("pass_split"):
+        lines += [
+            "",
+            f"## Where the XLA compile goes, {n} leaves: HLO passes vs the rest, seconds",
+            "",
+            "A child process with `TF_CPP_VMODULE=hlo_pass_pipeline=1` (XLA's pass log); "
+            "HLO passes = first to last pass-pipeline log line of the step's module; the "
+            "rest = buffer assignment, LLVM code generation of the kernels, thunks.",
+            "",
+            "| method | XLA compile | HLO passes | rest | longest passes |",
+            "| --- | ---: | ---: | ---: | --- |",
+        ]
+        for r in results["pass_split"]:
+            top = ", ".join(f"{k} {v:.2f}" for k, v in r["top_passes"])
+            lines.append(
+                f"| {r['method']} | {r['compile']:.2f} | {r['hlo_passes']:.2f} "
+                f"| {r['rest']:.2f} | {top} |"
+            )
     return "\n".join(lines) + "\n"
 
 
@@ -205,7 +336,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default=None, help="default: benchmarks/results/<machine>")
     parser.add_argument("--leaves", default="125,250,500,1000")
+    parser.add_argument("--_pass-log-child", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args._pass_log_child:
+        _pass_log_child(args._pass_log_child)
+        return
     device = harness.detect_device()
     machine = harness.describe_machine(device)
     counts = [int(x) for x in args.leaves.split(",")]
@@ -216,6 +351,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         "adam": adam_rows(counts),
         "kernel_leaves": max(counts),
         "kernels": kernel_rows(max(counts)),
+        "pass_split": pass_split_rows(max(counts)),
     }
     report.write_pair(
         results,

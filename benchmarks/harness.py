@@ -262,6 +262,16 @@ def calibrate(runner: Any, min_repeat_s: float, max_steps: int) -> int:
     return steps
 
 
+#: Untimed pause after each torch repeat. torch's OpenMP threads (libgomp, default
+#: wait policy) spin for a while after a parallel region and take CPU from whatever
+#: runs next: measured on 2 cores, the method timed right after torch_fused ran
+#: 3-11 % slower than the same program elsewhere in the order (A/A: optax_again).
+#: In a plain round-robin that method is always the same one (the first of the list,
+#: adam_jax), so without the pause the bias is systematic. Sleeping lets the threads
+#: park; torch's own timing is untouched (its threads spin between its own steps).
+TORCH_COOLDOWN_S = 0.1
+
+
 def round_robin(runners: list[Any], steps: dict[str, int], repeats: int) -> dict[str, list[float]]:
     """Seconds per step, one entry per repeat; each repeat runs every runner once."""
     times: dict[str, list[float]] = {r.name: [] for r in runners}
@@ -269,6 +279,8 @@ def round_robin(runners: list[Any], steps: dict[str, int], repeats: int) -> dict
         k = rep % len(runners)
         for r in runners[k:] + runners[:k]:
             times[r.name].append(_time_run(r, steps[r.name]) / steps[r.name])
+            if getattr(r, "family", None) == "torch":
+                time.sleep(TORCH_COOLDOWN_S)
     return times
 
 

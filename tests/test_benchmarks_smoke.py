@@ -106,6 +106,13 @@ def test_compile_time_script_writes_rows_for_every_case(tmp_path):
     # _run_ms raises unless every slice form returns exactly the slices of the buffer.
     assert all(cases[c]["run_ms"] > 0 for c in slice_cases)
     assert "| 6 | packed (1 buffer) |" in (tmp_path / "compile_time.md").read_text()
+    # The split of XLA's compile time, read from its pass log in a child process.
+    split = {r["method"]: r for r in results["pass_split"]}
+    assert set(split) == methods - {"packed (1 buffer)"}
+    for row in split.values():
+        assert 0 < row["hlo_passes"] < row["compile"]
+        assert row["rest"] == pytest.approx(row["compile"] - row["hlo_passes"])
+        assert row["top_passes"] and all(t > 0 for _, t in row["top_passes"])
 
 
 def test_paired_ratio_is_the_median_of_per_repeat_ratios():
@@ -118,3 +125,24 @@ def test_paired_ratio_is_the_median_of_per_repeat_ratios():
     assert out == pytest.approx({"median": 2.0, "lo": 2.0, "hi": 2.0})
     noisy = paired_ratio([1.0, 1.0, 1.0, 1.0], [1.0, 0.5, 2.0, 1.0])
     assert noisy["lo"] < noisy["median"] == 1.0 < noisy["hi"]
+
+
+def test_round_robin_lets_torch_threads_park_before_the_next_method(monkeypatch):
+    from benchmarks import harness
+
+    class Fake:
+        def __init__(self, name, family):
+            self.name, self.family = name, family
+
+        def run(self, steps):
+            order.append(self.name)
+
+    order: list[str] = []
+    sleeps: list[tuple[str, float]] = []
+    monkeypatch.setattr(harness.time, "sleep", lambda s: sleeps.append((order[-1], s)))
+    runners = [Fake("a", "jax"), Fake("t", "torch"), Fake("b", "jax")]
+    times = harness.round_robin(runners, {"a": 1, "t": 1, "b": 1}, repeats=3)
+    assert all(len(v) == 3 for v in times.values())
+    # Every torch repeat, and only those, is followed by the untimed pause.
+    assert sleeps == [("t", harness.TORCH_COOLDOWN_S)] * 3
+    assert order[:3] == ["a", "t", "b"] and order[3:6] == ["t", "b", "a"]
