@@ -4,7 +4,7 @@ Per shape: build the tree deterministically, set every method up (JAX:
 lower + compile, timed and reported apart; torch: the first step, which
 allocates the moments), warm up, choose for each method a number of steps
 per repeat that lasts at least ``min_repeat_s``, then run ``repeats``
-rounds; in each round every method runs once (the start rotates), so load
+rounds; in each round every method runs once (in a seeded random order), so load
 from elsewhere hits all methods alike. Reported: the median over repeats of
 the per-step time.
 """
@@ -266,18 +266,27 @@ def calibrate(runner: Any, min_repeat_s: float, max_steps: int) -> int:
 #: wait policy) spin for a while after a parallel region and take CPU from whatever
 #: runs next: measured on 2 cores, the method timed right after torch_fused ran
 #: 3-11 % slower than the same program elsewhere in the order (A/A: optax_again).
-#: In a plain round-robin that method is always the same one (the first of the list,
-#: adam_jax), so without the pause the bias is systematic. Sleeping lets the threads
-#: park; torch's own timing is untouched (its threads spin between its own steps).
+#: In a cyclic order that method is always the same one (the first of the list,
+#: adam_jax), so the bias was systematic. Sleeping lets the threads park; torch's
+#: own timing is untouched (its threads spin between its own steps).
 TORCH_COOLDOWN_S = 0.1
+
+
+def repeat_order(n: int, rep: int) -> list[int]:
+    """The order of the runners in repeat ``rep``: a permutation fixed by ``rep``.
+
+    Random, not cyclic, so no method always runs right after the same other one
+    (whatever a method leaves behind, spinning threads or a cold cache, lands on
+    a different successor every repeat); seeded, so a rerun uses the same orders.
+    """
+    return [int(i) for i in np.random.default_rng(rep).permutation(n)]
 
 
 def round_robin(runners: list[Any], steps: dict[str, int], repeats: int) -> dict[str, list[float]]:
     """Seconds per step, one entry per repeat; each repeat runs every runner once."""
     times: dict[str, list[float]] = {r.name: [] for r in runners}
     for rep in range(repeats):
-        k = rep % len(runners)
-        for r in runners[k:] + runners[:k]:
+        for r in (runners[i] for i in repeat_order(len(runners), rep)):
             times[r.name].append(_time_run(r, steps[r.name]) / steps[r.name])
             if getattr(r, "family", None) == "torch":
                 time.sleep(TORCH_COOLDOWN_S)

@@ -145,4 +145,19 @@ def test_round_robin_lets_torch_threads_park_before_the_next_method(monkeypatch)
     assert all(len(v) == 3 for v in times.values())
     # Every torch repeat, and only those, is followed by the untimed pause.
     assert sleeps == [("t", harness.TORCH_COOLDOWN_S)] * 3
-    assert order[:3] == ["a", "t", "b"] and order[3:6] == ["t", "b", "a"]
+    # Each repeat runs every runner once, in the seeded order of that repeat.
+    for rep in range(3):
+        want = [runners[i].name for i in harness.repeat_order(3, rep)]
+        assert order[3 * rep : 3 * rep + 3] == want
+
+
+def test_repeat_orders_are_permutations_that_vary_the_successors():
+    from benchmarks import harness
+
+    n = 12
+    orders = [harness.repeat_order(n, rep) for rep in range(7)]
+    assert all(sorted(o) == list(range(n)) for o in orders)
+    assert orders == [harness.repeat_order(n, rep) for rep in range(7)]  # seeded
+    # Method 0's successor changes across repeats (a cyclic order would fix it).
+    successors = {o[(o.index(0) + 1) % n] for o in orders}
+    assert len(successors) > 1
