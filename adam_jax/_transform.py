@@ -168,8 +168,10 @@ def scale_by_adam_with_convention(
 
             # Materialise the flat update before splitting it: without the
             # barrier XLA fuses every slice with the whole update expression
-            # (and its concatenation), which is quadratic to compile.
-            out_u = plan.scatter(jax.lax.optimization_barrier(out_u))
+            # (and its concatenation), which is quadratic to compile. The step
+            # count is the run-time value that keeps the split offsets opaque
+            # (one compiled kernel per leaf shape on CPU; see opaque_int32).
+            out_u = plan.scatter(jax.lax.optimization_barrier(out_u), state.count)
         else:
             pack = treedef.unflatten
         new_state = AdamState(

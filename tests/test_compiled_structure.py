@@ -18,7 +18,7 @@ import optax
 import pytest
 
 import adam_jax
-from benchmarks.hlo import entry_kernels, hlo_passes
+from benchmarks.hlo import _computations, entry_kernels, hlo_passes
 from tests.harness import CASES
 
 SINGLE_LEAF_CASES = [c for c in CASES if c.optax is not None and c.decay_mask is None]
@@ -51,7 +51,7 @@ def test_grouped_step_runs_far_fewer_kernels_than_per_leaf():
     n_leaves = 64
     params = {f"p{i:02d}": jnp.zeros((100 + i,), jnp.float32) for i in range(n_leaves)}
     kernels = {
-        name: sum(entry_kernels(_compiled_step_hlo(tx, params)).values())
+        name: entry_kernels(_compiled_step_hlo(tx, params))
         for name, tx in [
             ("grouped", adam_jax.adam(1e-3, layout="grouped")),
             ("auto", adam_jax.adam(1e-3)),
@@ -60,9 +60,37 @@ def test_grouped_step_runs_far_fewer_kernels_than_per_leaf():
         ]
     }
     # Per leaf: m, v and p each in their own loop fusion.
-    assert kernels["per_leaf"] >= 3 * n_leaves, kernels
-    assert kernels["optax"] >= 3 * n_leaves, kernels
-    # Grouped: one kernel per leaf (slice of the flat update + apply) and a few
-    # over the flat buffers.
-    assert kernels["grouped"] <= n_leaves + 8, kernels
+    assert kernels["per_leaf"]["fusion"] >= 3 * n_leaves, kernels
+    assert kernels["optax"]["fusion"] >= 3 * n_leaves, kernels
+    # Grouped: one loop fusion per leaf (its piece of the flat update + apply)
+    # and a few over the flat buffers. The other kernels are the int32 scalar
+    # copies of the split offsets into the zero-trip while loop (opaque_int32).
+    grouped = kernels["grouped"]
+    assert grouped["fusion"] <= n_leaves + 8, kernels
+    assert grouped["while"] == 1, kernels
+    assert grouped["copy"] <= n_leaves + 1, kernels
+    assert sum(grouped.values()) - grouped["copy"] <= n_leaves + 10, kernels
     assert kernels["auto"] == kernels["grouped"], kernels
+
+
+def _fused_computations_with(hlo: str, opcode: str) -> int:
+    """Fused computations (kernels) of a compiled module containing ``opcode``."""
+    return sum(
+        any(f" {opcode}(" in line for line in lines)
+        for name, lines in _computations(hlo).items()
+        if name.startswith("fused_computation")
+    )
+
+
+def test_grouped_split_uses_runtime_offsets_on_cpu():
+    """Each leaf is cut from the flat update at an offset XLA cannot fold.
+
+    With static ``slice`` offsets every leaf's kernel is distinct and XLA:CPU
+    compiles each one (about 8.6 s for 1000 leaves); with ``dynamic_slice`` at
+    run-time offsets, leaves of one shape share a kernel (about 2.5 s).
+    """
+    n_leaves = 24
+    params = {f"p{i:02d}": jnp.zeros((100,), jnp.float32) for i in range(n_leaves)}
+    hlo = _compiled_step_hlo(adam_jax.adam(1e-3, layout="grouped"), params)
+    assert _fused_computations_with(hlo, "dynamic-slice") >= n_leaves
+    assert _fused_computations_with(hlo, "slice") == 0

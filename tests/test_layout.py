@@ -86,6 +86,29 @@ def test_grouped_is_bitwise_equal_to_per_leaf(name):
     )
 
 
+@pytest.mark.parametrize("count", [0, 7, 2**31 - 1, -5, -(2**31)])
+def test_grouped_split_is_exact_at_any_step_count(count):
+    """The split offsets hang on the step count (opaque_int32); any count gives the same split."""
+    params = _mixed_tree()
+    tx = {layout: adam_jax.scale_by_adam(layout=layout) for layout in ("per_leaf", "grouped")}
+    grads = jax.tree.map(lambda p: jnp.cos(p.astype(jnp.float32)).astype(p.dtype), params)
+    out = {}
+    for layout, t in tx.items():
+        state = t.init(params)._replace(count=jnp.int32(count))
+        out[layout] = jax.jit(t.update)(grads, state, params)[0]
+    for a, b in zip(jax.tree.leaves(out["per_leaf"]), jax.tree.leaves(out["grouped"]), strict=True):
+        np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
+
+
+def test_opaque_int32_returns_its_values_for_any_count():
+    from adam_jax._layout import opaque_int32
+
+    values = [0, 5, 1000, 2**30]
+    for count in [0, 1, 2**31 - 1, -1, -(2**31)]:
+        got = jax.jit(opaque_int32, static_argnums=0)(tuple(values), jnp.int32(count))
+        assert [int(v) for v in got] == values, count
+
+
 def test_auto_layout_keeps_param_shaped_state_when_nothing_to_group():
     params = {"a": jnp.ones((300, 300)), "b": jnp.ones((400, 100))}
     state = adam_jax.scale_by_adam(layout="auto").init(params)
@@ -131,3 +154,20 @@ def test_grouped_state_checkpoint_round_trip(tmp_path):
     u2, _ = tx.update(grads, restored, params)
     for a, b in zip(jax.tree.leaves(u1), jax.tree.leaves(u2), strict=True):
         np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
+
+
+@pytest.mark.parametrize(
+    ("platforms", "dynamic", "static"),
+    [(("cpu",), True, False), (("cuda",), False, True), (("cpu", "cuda"), True, True)],
+)
+def test_grouped_split_is_chosen_per_platform(platforms, dynamic, static):
+    """Run-time offsets on CPU (where distinct kernels are slow to compile), static elsewhere."""
+    params = {f"p{i}": jnp.zeros((10,)) for i in range(3)}
+    tx = adam_jax.scale_by_adam(layout="grouped")
+    exported = jax.export.export(jax.jit(tx.update), platforms=platforms)(
+        params, tx.init(params), params
+    )
+    text = exported.mlir_module()
+    assert ("stablehlo.dynamic_slice" in text) == dynamic
+    assert ("stablehlo.while" in text) == dynamic
+    assert ("stablehlo.slice" in text) == static
