@@ -37,6 +37,18 @@ def test_round_trip_mixed_dtypes_and_group_fn():
         packer.pack({**params, "b": jnp.ones(4, jnp.float32)})
 
 
+def test_single_dtype_tree_packs_into_the_benchmarks_flat_buffer():
+    """One dtype, one device: ParamPacker gives exactly one buffer, the concatenation.
+
+    That is the benchmark's ``flat_buffer`` input, so the packed Adam step is that step.
+    """
+    params = {f"p{i:02d}": jnp.full((3, i + 1), float(i), jnp.float32) for i in range(40)}
+    packed = adam_jax.ParamPacker(params).pack(params)
+    assert len(packed) == 1
+    flat = jnp.concatenate([jnp.ravel(x) for x in jax.tree.leaves(params)])
+    np.testing.assert_array_equal(np.asarray(packed[0]), np.asarray(flat))
+
+
 def _decays(path, leaf):
     return leaf.ndim > 1
 
