@@ -117,8 +117,10 @@ class GroupPlan:
         as the optimizer's step count) and on CPU, each leaf is cut with a
         ``dynamic_slice`` at an offset XLA cannot constant-fold (see
         :func:`opaque_int32`), so leaves of equal shape share one compiled
-        kernel; elsewhere, or without ``count``, with static ``slice`` ops.
-        Both give the same values.
+        kernel; elsewhere, or without ``count``, with one ``lax.split`` per
+        buffer (static slices, whose transpose is one ``concatenate``: the
+        gradient through :meth:`ParamPacker.unpack` is a single pack, not one
+        buffer-sized ``pad`` per leaf). Both give the same values.
         """
         if count is None:
             return self._split(parts, self.offsets(), dynamic=False)
@@ -136,12 +138,12 @@ class GroupPlan:
             if not part.grouped:
                 leaves[part.leaves[0]] = buf
                 continue
-            for i in part.leaves:
-                start, size = next(starts), math.prod(self.shapes[i])
-                if dynamic:
-                    piece = jax.lax.dynamic_slice(buf, (start,), (size,))
-                else:
-                    piece = jax.lax.slice(buf, (start,), (start + size,))
+            sizes = [math.prod(self.shapes[i]) for i in part.leaves]
+            if dynamic:
+                pieces = [jax.lax.dynamic_slice(buf, (next(starts),), (n,)) for n in sizes]
+            else:
+                pieces = jax.lax.split(buf, sizes)
+            for i, piece in zip(part.leaves, pieces, strict=True):
                 leaves[i] = piece.reshape(self.shapes[i])
         return leaves
 

@@ -21,6 +21,13 @@ measures, in one run:
   grouped layout emits on CPU). For the three slice variants the run time of the
   compiled program is measured too.
 
+* **A whole train step** (loss ``sum(tanh(w_i * x))`` over the ``n`` leaves, its
+  gradient, update, apply; donated) on the params tree with ``adam_jax.adam`` and
+  ``optax.adam``, and on params packed with ``adam_jax.ParamPacker`` (``unpack``
+  inside the loss): compile phases and run time per step. This is where the
+  gradient through ``unpack`` shows: it must be one ``concatenate``, not a
+  buffer-sized ``pad`` per leaf.
+
 * **Where XLA's compile goes** at the largest leaf count: a child process with
   XLA's pass log on (``TF_CPP_VMODULE=hlo_pass_pipeline=1``) splits each step's
   XLA compile into the HLO pass pipelines and the rest (buffer assignment and
@@ -105,6 +112,59 @@ def adam_rows(leaf_counts: Sequence[int]) -> list[dict[str, Any]]:
         for name, (tx, params) in cases.items():
             rows.append({"leaves": n, "method": name, **adam_step_compile(tx, params)})
             print(f"[adam] n={n} {name}: {rows[-1]['total']:.2f} s", flush=True)
+    return rows
+
+
+def _toy_loss(tree: dict[str, jax.Array]) -> jax.Array:
+    x = jnp.linspace(-1.0, 1.0, LEAF, dtype=jnp.float32)
+    return sum(jnp.sum(jnp.tanh(w * x)) for w in jax.tree.leaves(tree))
+
+
+def _train_step_fn(tx: optax.GradientTransformation, loss: Callable) -> Callable:
+    def step(p, s):
+        grads = jax.grad(loss)(p)
+        updates, s = tx.update(grads, s, p)
+        return optax.apply_updates(p, updates), s
+
+    return step
+
+
+def _step_run_ms(step: Callable, params: Any, state: Any, repeats: int = 7, steps: int = 10):
+    """Median ms per call of the jitted, donated ``step(params, state)``."""
+    compiled = jax.jit(step, donate_argnums=(0, 1)).lower(params, state).compile()
+    p, s = jax.tree.map(lambda a: a + 0, (params, state))
+    p, s = compiled(p, s)
+    times = []
+    for _ in range(repeats):
+        jax.block_until_ready(p)
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            p, s = compiled(p, s)
+        jax.block_until_ready(p)
+        times.append((time.perf_counter() - t0) / steps)
+    return 1e3 * statistics.median(times)
+
+
+def train_rows(n: int) -> list[dict[str, Any]]:
+    """Compile phases and ms/step of a toy train step on ``n`` leaves: tree vs packed."""
+    tree = {k: v + 0.01 for k, v in _tree(n).items()}
+    packer = adam_jax.ParamPacker(tree)
+    cases = {
+        "tree, adam_jax (auto)": (adam_jax.adam(1e-3), _toy_loss, tree),
+        "tree, optax": (optax.adam(1e-3), _toy_loss, tree),
+        "packed, adam_jax": (
+            adam_jax.adam(1e-3),
+            lambda q: _toy_loss(packer.unpack(q)),
+            packer.pack(tree),
+        ),
+    }
+    rows = []
+    for name, (tx, loss, params) in cases.items():
+        step = _train_step_fn(tx, loss)
+        row = {"leaves": n, "method": name, **_phases(step, params, tx.init(params))}
+        row["run_ms"] = _step_run_ms(step, params, tx.init(params))
+        rows.append(row)
+        print(f"[train] n={n} {name}: {row['total']:.2f} s, {row['run_ms']:.2f} ms", flush=True)
     return rows
 
 
@@ -306,6 +366,22 @@ def render(results: dict[str, Any]) -> str:
     for r in results["kernels"]:
         run = f"{r['run_ms']:.2f}" if "run_ms" in r else "—"
         lines.append(f"| {r['case']} | {r['compile']:.2f} | {r['total']:.2f} | {run} |")
+    if results.get("train"):
+        lines += [
+            "",
+            f"## A train step (loss, gradient, update, apply) on n leaves of {LEAF}",
+            "",
+            "Toy loss `sum(tanh(w_i * x))`; `packed` keeps the params in one buffer "
+            "(`adam_jax.ParamPacker`) and unpacks it inside the loss.",
+            "",
+            "| leaves | method | trace | lower | XLA compile | total | run ms/step |",
+            "| ---: | --- | ---: | ---: | ---: | ---: | ---: |",
+        ]
+        for r in results["train"]:
+            lines.append(
+                f"| {r['leaves']} | {r['method']} | {r['trace']:.2f} | {r['lower']:.2f} "
+                f"| {r['compile']:.2f} | {r['total']:.2f} | {r['run_ms']:.3f} |"
+            )
     if results.get("pass_split"):
         lines += [
             "",
@@ -346,6 +422,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         "adam": adam_rows(counts),
         "kernel_leaves": max(counts),
         "kernels": kernel_rows(max(counts)),
+        "train": train_rows(max(counts)),
         "pass_split": pass_split_rows(max(counts)),
     }
     report.write_pair(

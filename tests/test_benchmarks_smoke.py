@@ -106,6 +106,9 @@ def test_compile_time_script_writes_rows_for_every_case(tmp_path):
     # _run_ms raises unless every slice form returns exactly the slices of the buffer.
     assert all(cases[c]["run_ms"] > 0 for c in slice_cases)
     assert "| 6 | packed (1 buffer) |" in (tmp_path / "compile_time.md").read_text()
+    train = {r["method"]: r for r in results["train"]}
+    assert set(train) == {"tree, adam_jax (auto)", "tree, optax", "packed, adam_jax"}
+    assert all(r["leaves"] == 6 and r["compile"] > 0 and r["run_ms"] > 0 for r in train.values())
     # The split of XLA's compile time, read from its pass log in a child process.
     split = {r["method"]: r for r in results["pass_split"]}
     assert set(split) == methods - {"packed (1 buffer)"}

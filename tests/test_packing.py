@@ -49,6 +49,36 @@ def test_single_dtype_tree_packs_into_the_benchmarks_flat_buffer():
     np.testing.assert_array_equal(np.asarray(packed[0]), np.asarray(flat))
 
 
+def test_gradient_through_unpack_is_one_concatenate_not_a_pad_per_leaf():
+    """The transpose of unpack is a pack: linear in the params, whatever the leaf count.
+
+    Built from static slices, each leaf's cotangent would be padded to the whole
+    buffer and the pads summed: quadratic (a 1000-leaf toy step took 2 s on CPU
+    instead of 1.6 ms).
+    """
+    params = {f"p{i}": jnp.ones((3, i + 1)) for i in range(6)}
+    params["h"] = jnp.ones((2,), jnp.bfloat16)
+    packer = adam_jax.ParamPacker(params)
+    packed = packer.pack(params)
+
+    def loss_tree(tree):
+        leaves = jax.tree.leaves(tree)
+        return sum(jnp.sum(jnp.sin(x.astype(jnp.float32)) * (i + 1)) for i, x in enumerate(leaves))
+
+    def loss(q):
+        return loss_tree(packer.unpack(q))
+
+    jaxpr = jax.make_jaxpr(jax.grad(loss))(packed).jaxpr
+    prims = [eqn.primitive.name for eqn in jaxpr.eqns]
+    assert "pad" not in prims and "dynamic_update_slice" not in prims, prims
+    assert prims.count("concatenate") == 1, prims  # one float32 buffer; bf16 is one leaf
+    grads = jax.grad(loss)(packed)
+    want = packer.pack(jax.grad(loss_tree)(params))
+    for g, w in zip(grads, want, strict=True):
+        assert g.dtype == w.dtype
+        np.testing.assert_array_equal(np.asarray(g, np.float32), np.asarray(w, np.float32))
+
+
 def _decays(path, leaf):
     return leaf.ndim > 1
 
