@@ -127,9 +127,32 @@ class GroupPlan:
         return jax.lax.platform_dependent(
             parts,
             count,
-            cpu=lambda ps, c: self._split(ps, opaque_int32(self.offsets(), c), dynamic=True),
+            cpu=self._split_at_runtime_offsets,
             default=lambda ps, c: self._split(ps, self.offsets(), dynamic=False),
         )
+
+    def _split_at_runtime_offsets(self, parts: Sequence[jax.Array], count: jax.Array):
+        """The CPU split; differentiated as the static split.
+
+        The transpose of ``dynamic_slice`` is a buffer-sized ``dynamic_update_slice``
+        per leaf, quadratic in the leaf count (a gradient through a 1000-leaf
+        update compiled in 34 s and ran in 162 ms). The tangent of this split is
+        therefore the static ``lax.split``, whose transpose is one ``concatenate``.
+        """
+
+        @jax.custom_jvp
+        def split(parts, count):
+            offsets = opaque_int32(self.offsets(), count)
+            return tuple(self._split(parts, offsets, dynamic=True))
+
+        @split.defjvp
+        def split_jvp(primals, tangents):
+            parts, count = primals
+            return split(parts, count), tuple(
+                self._split(tangents[0], self.offsets(), dynamic=False)
+            )
+
+        return list(split(tuple(parts), count))
 
     def _split(self, parts: Sequence[jax.Array], offsets, *, dynamic: bool) -> list[jax.Array]:
         leaves: list[Any] = [None] * len(self.shapes)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import jax
+import jax.extend.core as jax_core
 import jax.numpy as jnp
 import numpy as np
 import optax
@@ -171,3 +172,39 @@ def test_grouped_split_is_chosen_per_platform(platforms, dynamic, static):
     assert ("stablehlo.dynamic_slice" in text) == dynamic
     assert ("stablehlo.while" in text) == dynamic
     assert ("stablehlo.slice" in text) == static
+
+
+def _jaxpr_primitives(jaxpr) -> list[str]:
+    names = []
+    for eqn in jaxpr.eqns:
+        names.append(eqn.primitive.name)
+        for sub in jax_core.jaxprs_in_params(eqn.params):
+            names += _jaxpr_primitives(sub)
+    return names
+
+
+def test_gradient_through_a_grouped_update_matches_per_leaf():
+    """Meta-gradients through the update: same values, and no per-leaf buffer-sized scatter.
+
+    On CPU the grouped split is a ``dynamic_slice`` per leaf, whose transpose would
+    be a buffer-sized ``dynamic_update_slice`` per leaf; its tangent is the static
+    ``lax.split`` instead, whose transpose is one ``concatenate``.
+    """
+    params = _mixed_tree()
+    params.pop("big")
+
+    def meta(tx, p):
+        state = tx.init(p)
+        grads = jax.tree.map(lambda x: jnp.sin(x.astype(jnp.float32)).astype(x.dtype), p)
+        updates, _ = tx.update(grads, state, p)
+        new = optax.apply_updates(p, updates)
+        return sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree.leaves(new))
+
+    grouped, per_leaf = (adam_jax.adam(1e-2, layout=k) for k in ("grouped", "per_leaf"))
+    got = jax.jit(jax.grad(lambda p: meta(grouped, p)))(params)
+    want = jax.jit(jax.grad(lambda p: meta(per_leaf, p)))(params)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32), rtol=1e-6)
+    prims = _jaxpr_primitives(jax.make_jaxpr(jax.grad(lambda p: meta(grouped, p)))(params).jaxpr)
+    assert "dynamic_slice" in prims  # the CPU split was traced
+    assert "dynamic_update_slice" not in prims and "pad" not in prims
