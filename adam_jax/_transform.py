@@ -232,7 +232,8 @@ def scale_by_adam(
         leaves and one device, else keeps moments shaped like the params;
         ``"per_leaf"`` and ``"grouped"`` force either. Results are bitwise equal;
         speed, compile time and the state's layout differ (see
-        :mod:`adam_jax._layout`).
+        :mod:`adam_jax._layout`). To differentiate through the update
+        (meta-gradients) on many leaves, ``"per_leaf"`` is faster.
 
     Returns:
       An ``optax.GradientTransformation`` with state :class:`AdamState`.
