@@ -123,12 +123,12 @@ class GroupPlan:
         buffer-sized ``pad`` per leaf). Both give the same values.
         """
         if count is None:
-            return self._split(parts, self.offsets(), dynamic=False)
+            return self._split(parts)
         return jax.lax.platform_dependent(
             parts,
             count,
             cpu=self._split_at_runtime_offsets,
-            default=lambda ps, c: self._split(ps, self.offsets(), dynamic=False),
+            default=lambda ps, c: self._split(ps),
         )
 
     def _split_at_runtime_offsets(self, parts: Sequence[jax.Array], count: jax.Array):
@@ -142,30 +142,29 @@ class GroupPlan:
 
         @jax.custom_jvp
         def split(parts, count):
-            offsets = opaque_int32(self.offsets(), count)
-            return tuple(self._split(parts, offsets, dynamic=True))
+            return tuple(self._split(parts, opaque_int32(self.offsets(), count)))
 
         @split.defjvp
         def split_jvp(primals, tangents):
             parts, count = primals
-            return split(parts, count), tuple(
-                self._split(tangents[0], self.offsets(), dynamic=False)
-            )
+            return split(parts, count), tuple(self._split(tangents[0]))
 
         return list(split(tuple(parts), count))
 
-    def _split(self, parts: Sequence[jax.Array], offsets, *, dynamic: bool) -> list[jax.Array]:
+    def _split(self, parts: Sequence[jax.Array], offsets=None) -> list[jax.Array]:
+        """Leaves cut with ``dynamic_slice`` at ``offsets`` (one per grouped leaf, as
+        :meth:`offsets` orders them) if given, else with one ``lax.split`` per buffer."""
         leaves: list[Any] = [None] * len(self.shapes)
-        starts = iter(offsets)
+        starts = None if offsets is None else iter(offsets)
         for part, buf in zip(self.parts, parts, strict=True):
             if not part.grouped:
                 leaves[part.leaves[0]] = buf
                 continue
             sizes = [math.prod(self.shapes[i]) for i in part.leaves]
-            if dynamic:
-                pieces = [jax.lax.dynamic_slice(buf, (next(starts),), (n,)) for n in sizes]
-            else:
+            if starts is None:
                 pieces = jax.lax.split(buf, sizes)
+            else:
+                pieces = [jax.lax.dynamic_slice(buf, (next(starts),), (n,)) for n in sizes]
             for i, piece in zip(part.leaves, pieces, strict=True):
                 leaves[i] = piece.reshape(self.shapes[i])
         return leaves
@@ -184,7 +183,7 @@ def opaque_int32(values: Sequence[int], count: jax.Array) -> tuple[jax.Array, ..
     starts at ``min(count, -1) < 0``: the loop runs zero times and returns
     ``values`` unchanged, for any ``count``, but XLA cannot prove it. The price
     is one int32 scalar copy per value into the loop's carry. Measured on 2 CPU
-    cores, 1000 leaves of 1000: compile 8.6 s -> 2.5-2.9 s, step time unchanged
+    cores, 1000 leaves of 1000: compile 8.6 s -> 2.5-3.3 s, step time unchanged
     or lower (``benchmarks/results/cpu-2core/compile_time.md``).
     """
     counter = jnp.minimum(jnp.asarray(count, jnp.int32), -1)

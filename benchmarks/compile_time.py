@@ -70,17 +70,35 @@ def _tree(n: int) -> dict[str, jax.Array]:
     return {f"p{i:04d}": jnp.zeros((LEAF,), jnp.float32) for i in range(n)}
 
 
-def _phases(fn: Callable, *args: Any, donate: Sequence[int] = ()) -> dict[str, float]:
-    """Seconds for trace, lower and XLA compile of ``jax.jit(fn)`` on ``args``."""
+def _compile(fn: Callable, *args: Any, donate: Sequence[int] = ()) -> tuple[dict[str, float], Any]:
+    """Trace, lower and XLA-compile ``jax.jit(fn)`` on ``args``: seconds per phase, executable."""
     jitted = jax.jit(fn, donate_argnums=tuple(donate))
     t0 = time.perf_counter()
     traced = jitted.trace(*args)
     t1 = time.perf_counter()
     lowered = traced.lower()
     t2 = time.perf_counter()
-    lowered.compile()
+    compiled = lowered.compile()
     t3 = time.perf_counter()
-    return {"trace": t1 - t0, "lower": t2 - t1, "compile": t3 - t2, "total": t3 - t0}
+    return {"trace": t1 - t0, "lower": t2 - t1, "compile": t3 - t2, "total": t3 - t0}, compiled
+
+
+def _phases(fn: Callable, *args: Any, donate: Sequence[int] = ()) -> dict[str, float]:
+    """Seconds for trace, lower and XLA compile of ``jax.jit(fn)`` on ``args``."""
+    return _compile(fn, *args, donate=donate)[0]
+
+
+def _median_ms(advance: Callable[[Any], Any], carry: Any, repeats: int, steps: int) -> float:
+    """Median over ``repeats`` of the ms per ``carry = advance(carry)`` over ``steps`` calls."""
+    times = []
+    for _ in range(repeats):
+        jax.block_until_ready(carry)
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            carry = advance(carry)
+        jax.block_until_ready(carry)
+        times.append((time.perf_counter() - t0) / steps)
+    return 1e3 * statistics.median(times)
 
 
 def _step_fn(tx: optax.GradientTransformation) -> Callable:
@@ -129,20 +147,10 @@ def _train_step_fn(tx: optax.GradientTransformation, loss: Callable) -> Callable
     return step
 
 
-def _step_run_ms(step: Callable, params: Any, state: Any, repeats: int = 7, steps: int = 10):
-    """Median ms per call of the jitted, donated ``step(params, state)``."""
-    compiled = jax.jit(step, donate_argnums=(0, 1)).lower(params, state).compile()
-    p, s = jax.tree.map(lambda a: a + 0, (params, state))
-    p, s = compiled(p, s)
-    times = []
-    for _ in range(repeats):
-        jax.block_until_ready(p)
-        t0 = time.perf_counter()
-        for _ in range(steps):
-            p, s = compiled(p, s)
-        jax.block_until_ready(p)
-        times.append((time.perf_counter() - t0) / steps)
-    return 1e3 * statistics.median(times)
+def _step_run_ms(compiled: Any, params: Any, state: Any) -> float:
+    """Median ms per call of the compiled, donated ``step(params, state)``."""
+    carry = compiled(*jax.tree.map(lambda a: a + 0, (params, state)))
+    return _median_ms(lambda c: compiled(*c), carry, repeats=7, steps=10)
 
 
 def train_rows(n: int) -> list[dict[str, Any]]:
@@ -161,8 +169,10 @@ def train_rows(n: int) -> list[dict[str, Any]]:
     rows = []
     for name, (tx, loss, params) in cases.items():
         step = _train_step_fn(tx, loss)
-        row = {"leaves": n, "method": name, **_phases(step, params, tx.init(params))}
-        row["run_ms"] = _step_run_ms(step, params, tx.init(params))
+        state = tx.init(params)
+        phases, compiled = _compile(step, params, state, donate=(0, 1))
+        row = {"leaves": n, "method": name, **phases}
+        row["run_ms"] = _step_run_ms(compiled, params, state)
         rows.append(row)
         print(f"[train] n={n} {name}: {row['total']:.2f} s, {row['run_ms']:.2f} ms", flush=True)
     return rows
@@ -185,9 +195,8 @@ def _opaque_while(ps, flat, count):
     return [p + lax.dynamic_slice(flat, (o,), (LEAF,)) for o, p in pairs]
 
 
-def _run_ms(fn: Callable, ps, flat, extra, repeats: int = 7, steps: int = 20) -> float:
-    """Median ms per call of the compiled ``fn`` (params donated), checked once."""
-    compiled = jax.jit(fn, donate_argnums=(0,)).lower(ps, flat, extra).compile()
+def _run_ms(compiled: Any, name: str, ps, flat, extra) -> float:
+    """Median ms per call of the compiled slice case (params donated), checked once."""
 
     def call(params):
         out = compiled(params, flat, extra)
@@ -196,15 +205,8 @@ def _run_ms(fn: Callable, ps, flat, extra, repeats: int = 7, steps: int = 20) ->
     out = call([p + 0 for p in ps])
     expect = np.asarray(flat).reshape(len(ps), LEAF)
     if not all(np.array_equal(np.asarray(o), expect[i]) for i, o in enumerate(out)):
-        raise AssertionError(f"{fn.__name__} computed the wrong slices")
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        for _ in range(steps):
-            out = call(out)
-        jax.block_until_ready(out)
-        times.append((time.perf_counter() - t0) / steps)
-    return 1e3 * statistics.median(times)
+        raise AssertionError(f"{name} computed the wrong slices")
+    return _median_ms(call, out, repeats=7, steps=20)
 
 
 def kernel_rows(n: int) -> list[dict[str, Any]]:
@@ -223,8 +225,9 @@ def kernel_rows(n: int) -> list[dict[str, Any]]:
         ("opaque_while", _opaque_while, jnp.int32(0)),
     ]
     for case, fn, extra in slice_cases:
-        row = {"case": case, **_phases(fn, ps, flat, extra)}
-        row["run_ms"] = _run_ms(fn, ps, flat, extra)
+        phases, compiled = _compile(fn, ps, flat, extra, donate=(0,))
+        row = {"case": case, **phases}
+        row["run_ms"] = _run_ms(compiled, case, ps, flat, extra)
         rows.append(row)
     for row in rows:
         print(f"[kernels] {row['case']}: {row['total']:.2f} s", flush=True)

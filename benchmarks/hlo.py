@@ -31,7 +31,7 @@ def _shape_bytes(text: str) -> int:
     return total
 
 
-def _computations(hlo: str) -> dict[str, list[str]]:
+def computations(hlo: str) -> dict[str, list[str]]:
     comps: dict[str, list[str]] = {}
     cur = None
     for line in hlo.splitlines():
@@ -48,7 +48,7 @@ def _computations(hlo: str) -> dict[str, list[str]]:
 
 def _entry_instructions(hlo: str) -> list[tuple[str, str, str, str, str]]:
     out = []
-    for line in _computations(hlo).get("ENTRY", []):
+    for line in computations(hlo).get("ENTRY", []):
         mt = _INSTR.match(re.sub(r", metadata=\{[^}]*\}", "", line))
         if mt:
             out.append(mt.groups())
@@ -69,7 +69,7 @@ def hlo_passes(hlo: str, n: int) -> dict[str, Any]:
     n/4 elements (or, inside a while body, the body's fusions). Bytes: each
     pass's distinct big operands read plus its big results written.
     """
-    comps = _computations(hlo)
+    comps = computations(hlo)
     big = n  # bytes threshold: a quarter of an f32 array of n elements
     sizes: dict[str, int] = {}
     passes, moved, whiles = [], 0, []

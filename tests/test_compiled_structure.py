@@ -18,7 +18,7 @@ import optax
 import pytest
 
 import adam_jax
-from benchmarks.hlo import _computations, entry_kernels, hlo_passes
+from benchmarks.hlo import computations, entry_kernels, hlo_passes
 from tests.harness import CASES
 
 SINGLE_LEAF_CASES = [c for c in CASES if c.optax is not None and c.decay_mask is None]
@@ -77,7 +77,7 @@ def _fused_computations_with(hlo: str, opcode: str) -> int:
     """Fused computations (kernels) of a compiled module containing ``opcode``."""
     return sum(
         any(f" {opcode}(" in line for line in lines)
-        for name, lines in _computations(hlo).items()
+        for name, lines in computations(hlo).items()
         if name.startswith("fused_computation")
     )
 
