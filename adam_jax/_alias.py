@@ -19,13 +19,20 @@ from adam_jax._transform import (
     scale_by_adam_with_convention,
     scale_by_learning_rate,
 )
+from adam_jax._validate import check_non_negative
 
 MaskOrFn = Any | Callable[[optax.Params], Any] | None
 
 
-def _adam_chain(learning_rate, weight_decay, mask, **adam_kwargs) -> optax.GradientTransformation:
+def _adam_chain(
+    learning_rate, weight_decay, mask, *, decays: bool, **adam_kwargs
+) -> optax.GradientTransformation:
+    """``scale_by_adam``, then (if ``decays``) ``add_decayed_weights``, then ``-lr``."""
+    check_non_negative("learning_rate", learning_rate, schedule_ok=True)
+    if decays:
+        check_non_negative("weight_decay", weight_decay, schedule_ok=True)
     parts = [scale_by_adam_with_convention(**adam_kwargs)]
-    if weight_decay is not None:
+    if decays:
         parts.append(add_decayed_weights(weight_decay, mask))
     parts.append(scale_by_learning_rate(learning_rate))
     return optax.chain(*parts)
@@ -82,6 +89,7 @@ def adam(
         learning_rate,
         None,
         None,
+        decays=False,
         b1=b1,
         b2=b2,
         eps=eps,
@@ -137,6 +145,7 @@ def adamw(
         learning_rate,
         weight_decay,
         mask,
+        decays=True,
         b1=b1,
         b2=b2,
         eps=eps,

@@ -24,7 +24,8 @@ from typing import Any, Literal
 import jax
 import jax.numpy as jnp
 
-from adam_jax._sharding import placement_key, zeros_like_param
+from adam_jax._sharding import check_one_device_set, placement_key, zeros_like_param
+from adam_jax._validate import TreeSignature, leaf_paths, match_leaves
 
 Layout = Literal["auto", "per_leaf", "grouped"]
 LAYOUTS = ("auto", "per_leaf", "grouped")
@@ -63,29 +64,30 @@ class GroupPlan:
     def has_groups(self) -> bool:
         return any(p.grouped for p in self.parts)
 
-    def check_leaves(self, tree, *, name: str) -> list[jax.Array]:
+    @property
+    def signature(self) -> TreeSignature:
+        return TreeSignature(self.treedef, self.shapes, self.paths)
+
+    def check_leaves(
+        self, tree, *, name: str, reference_name: str, check_dtypes: bool = False
+    ) -> list[jax.Array]:
         """Returns the leaves of ``tree`` after checking them against the plan.
 
-        The plan's tree structure is the one ``init`` saw, which may wrap leaves
-        (``nnx.Param``) that the gradients carry bare, so leaves are compared in
-        order, by count and shape; errors name the leaf paths.
+        The check is :func:`adam_jax._validate.match_leaves`, the one every
+        layout uses: same structure (or the same leaf paths, up to leaf
+        wrappers such as ``nnx.Param``), same shapes, and with ``check_dtypes``
+        the same dtypes.
         """
-        with_paths = jax.tree_util.tree_flatten_with_path(tree)[0]
-        if len(with_paths) != len(self.shapes):
-            got = [jax.tree_util.keystr(p) for p, _ in with_paths]
-            raise ValueError(
-                f"{name} has {len(got)} leaves but the optimizer state was built for "
-                f"{len(self.shapes)}; {name} leaves: {', '.join(got[:8])}; state leaves: "
-                f"{', '.join(self.paths[:8])}"
-            )
-        for (path, leaf), want, state_path in zip(with_paths, self.shapes, self.paths, strict=True):
-            if tuple(jnp.shape(leaf)) != want:
-                raise ValueError(
-                    f"Shape mismatch at leaf {jax.tree_util.keystr(path)}: {name} has shape "
-                    f"{jnp.shape(leaf)} but the optimizer state has shape {want} "
-                    f"(state leaf {state_path})."
-                )
-        return [leaf for _, leaf in with_paths]
+        leaves = match_leaves(tree, self.signature, name=name, reference_name=reference_name)
+        if check_dtypes:
+            for leaf, want, path in zip(leaves, self.dtypes, self.paths, strict=True):
+                got = jnp.dtype(leaf.dtype).name
+                if got != want:
+                    raise ValueError(
+                        f"Dtype mismatch at leaf {path}: {name} has dtype {got} but "
+                        f"{reference_name} has dtype {want}."
+                    )
+        return leaves
 
     def gather(self, leaves: Sequence[jax.Array]) -> list[jax.Array]:
         """Leaves (in treedef order) -> one array per part."""
@@ -204,10 +206,18 @@ def make_plan(
     """Groups the small leaves of ``params`` by (dtype, placement); large leaves stay alone.
 
     ``max_grouped_size=None`` groups leaves of any size; ``group_fn(path, leaf)``
-    adds its result to the grouping key.
+    adds its result to the grouping key. The plan is the same whether ``params``
+    are concrete (NumPy, JAX, or a mix), traced under ``jit`` or abstract
+    (``eval_shape``): placement only separates leaves known to be sharded at
+    trace time too (:func:`adam_jax._sharding.placement_key`).
+
+    Raises:
+      ValueError: concrete leaves live on different sets of devices (one
+        buffer cannot span them, and no single ``jit`` could take them).
     """
     with_paths, treedef = jax.tree_util.tree_flatten_with_path(params)
     leaves = [leaf for _, leaf in with_paths]
+    check_one_device_set(with_paths)
     groups: dict[Any, list[int]] = {}
     singles: list[int] = []
     for i, (path, leaf) in enumerate(with_paths):
@@ -215,7 +225,7 @@ def make_plan(
         if group_fn is not None:
             key = (*key, group_fn(path, leaf))
         small = max_grouped_size is None or math.prod(leaf.shape) <= max_grouped_size
-        if small and key[1] != "sharded":
+        if small and key[1] is None:
             groups.setdefault(key, []).append(i)
         else:
             singles.append(i)
@@ -224,7 +234,7 @@ def make_plan(
     parts.sort(key=lambda p: p.leaves[0])
     return GroupPlan(
         treedef=treedef,
-        paths=tuple(jax.tree_util.keystr(p) for p, _ in with_paths),
+        paths=leaf_paths(params),
         shapes=tuple(tuple(leaf.shape) for leaf in leaves),
         dtypes=tuple(jnp.dtype(leaf.dtype).name for leaf in leaves),
         parts=tuple(parts),

@@ -5,11 +5,16 @@ Algorithm 1, generalised by per-step coefficients (see
 :func:`adam_jax._numerics.adam_coefficients`):
 
 .. math::
-  m_t &= m_{t-1} + (1-\\beta_1) (g_t - m_{t-1}) \\\\
-  v_t &= v_{t-1} + (1-\\beta_2) (|g_t|^2 - v_{t-1}) \\\\
+  m_t &= m_{t-1} + ((1-\\beta_1) g_t - (1-\\beta_1) m_{t-1}) \\\\
+  v_t &= v_{t-1} + ((1-\\beta_2) |g_t|^2 - (1-\\beta_2) v_{t-1}) \\\\
   u_t &= \\frac{c_m m_t + c_g g_t}{\\sqrt{c_v \\tilde v_t + \\epsilon_{root}} + \\epsilon}
 
 where :math:`\\tilde v_t` is :math:`v_t`, or the AMSGrad running maximum.
+The averages are :func:`adam_jax._numerics.moving_average` and
+:func:`adam_jax._numerics.second_moment_average` (accurate, and overflow-safe:
+an infinite ``v`` stays infinite) and the quotient is
+:func:`adam_jax._numerics.safe_divide` (0 where the denominator is infinite), so
+a finite gradient never turns a param into NaN.
 """
 
 from __future__ import annotations
@@ -20,7 +25,15 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from adam_jax._numerics import AdamCoefficients, abs_sq, cast_scalar, compute_dtype
+from adam_jax._numerics import (
+    AdamCoefficients,
+    abs_sq,
+    cast_scalar,
+    compute_dtype,
+    moving_average,
+    safe_divide,
+    second_moment_average,
+)
 
 
 class AmsgradMode(enum.Enum):
@@ -53,16 +66,17 @@ def adam_leaf(
     coef: AdamCoefficients,
     amsgrad: AmsgradMode,
 ) -> LeafUpdate:
-    """One Adam step for one leaf, computed in float32 (complex64 for complex).
+    """One Adam step for one leaf, computed in float32 (complex64 for complex), or in the
+    leaf's own dtype where it is wider (float64, complex128).
 
     Args:
       g: gradient leaf, any floating or complex dtype.
       m, v, v_max: stored moments (any storage dtype); ``v_max`` is ``None``
         unless AMSGrad is on.
-      eps, eps_root: float32 scalars.
-      one_minus_b1, one_minus_b2: ``1 - b1`` and ``1 - b2`` as float32 scalars,
+      eps, eps_root: scalars in the leaf's scalar dtype (``_numerics.scalar_dtype``).
+      one_minus_b1, one_minus_b2: ``1 - b1`` and ``1 - b2`` in the scalar dtype,
         computed in float64 when known on the host (see ``_numerics.one_minus``).
-      coef: float32 per-step coefficients.
+      coef: per-step coefficients in the scalar dtype.
       amsgrad: which AMSGrad variant, if any.
 
     Returns:
@@ -73,11 +87,8 @@ def adam_leaf(
     g = g.astype(cdt)
     m = m.astype(cdt)
     v = v.astype(compute_dtype(v.dtype))
-    # Lerp form m + (1-b1)(g - m): it needs only 1 - b1, which is exact to
-    # float32 rounding, whereas float32(b2) itself is off by 1.3e-8 and that
-    # error compounds over steps in b2 * v.
-    m = m + cast_scalar(one_minus_b1, m) * (g - m)
-    v = v + cast_scalar(one_minus_b2, v) * (abs_sq(g).astype(v.dtype) - v)
+    m = moving_average(m, g, one_minus_b1)
+    v = second_moment_average(v, abs_sq(g).astype(v.dtype), one_minus_b2)
 
     c_v = cast_scalar(coef.c_v, v)
     if amsgrad is AmsgradMode.CORRECTED:
@@ -94,5 +105,5 @@ def adam_leaf(
     if coef.c_g is not None:
         numerator = numerator + cast_scalar(coef.c_g, g) * g
     denominator = jnp.sqrt(v_hat + cast_scalar(eps_root, v)) + cast_scalar(eps, v)
-    update = numerator / denominator.astype(numerator.dtype)
+    update = safe_divide(numerator, denominator)
     return LeafUpdate(update=update, mu=m, nu=v, nu_max=v_max)

@@ -58,8 +58,20 @@ class ParamPacker:
         self.plan: GroupPlan = make_plan(params, max_grouped_size=None, group_fn=group_fn)
 
     def pack(self, params: Any) -> tuple[jax.Array, ...]:
-        """Tree -> tuple of buffers (checks the tree matches the one packed first)."""
-        return tuple(self.plan.gather(self.plan.check_leaves(params, name="params")))
+        """Tree -> tuple of buffers.
+
+        Raises:
+          ValueError: ``params`` differs from the tree the packer was built for
+            in structure (leaf paths), in a leaf's shape, or in a leaf's dtype
+            (a buffer has one dtype; another would be silently cast).
+        """
+        leaves = self.plan.check_leaves(
+            params,
+            name="params",
+            reference_name="the params the packer was built for",
+            check_dtypes=True,
+        )
+        return tuple(self.plan.gather(leaves))
 
     def unpack(self, packed: tuple[jax.Array, ...]) -> Any:
         """Tuple of buffers -> the original tree. Call it inside the jitted loss."""

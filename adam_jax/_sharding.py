@@ -13,13 +13,14 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Hashable
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
+
+from adam_jax._validate import TreeSignature, match_leaves
 
 # ----------------------------------------------------------------------------- placement
 
@@ -40,32 +41,59 @@ def _has_explicit_axes(mesh) -> bool:
     return any(t == AxisType.Explicit for t in getattr(mesh, "axis_types", ()))
 
 
-def placement_key(leaf) -> Hashable | None:
-    """Where a leaf lives, as a hashable key; ``None`` when unknown.
+def placement_key(leaf) -> str | None:
+    """``"sharded"`` if ``leaf`` is known to be split over devices, else ``None``.
 
-    * concrete array: ``("replicated", device ids)`` when fully replicated
-      (a single-device array included), else ``"sharded"``;
-    * tracer on a mesh with ``Explicit`` axes: the sharding is in its type, so
-      ``("replicated", mesh)`` or ``"sharded"``;
-    * other tracers (``Auto`` axes, or no mesh): ``None``.
+    Known means: readable in the same way from a concrete array, a tracer under
+    ``jit`` and a ``jax.ShapeDtypeStruct``, so that a grouped layout comes out
+    the same eagerly, under ``jit`` and under ``eval_shape``. That is a
+    ``NamedSharding`` on a mesh with ``Explicit`` axes (``jax.make_mesh``'s
+    default), whose spec names a mesh axis. On ``Auto`` axes a tracer carries
+    no sharding, so neither does the eager answer: such leaves are grouped
+    like replicated ones (correct, but resharded each step; use ``Explicit``
+    axes or ``layout="per_leaf"`` for sharded params).
 
     A ``"sharded"`` leaf is never concatenated with another: that would reshard
     it on every step (which is what ``optax.flatten`` does).
     """
-    if _is_tracer(leaf):
-        sharding = _traced_sharding(leaf)
-        mesh = getattr(sharding, "mesh", None)
-        if sharding is None or not _has_explicit_axes(mesh):
-            return None
-        if all(axis is None for axis in sharding.spec):
-            return ("replicated", mesh.axis_names, tuple(mesh.axis_sizes))
-        return "sharded"
-    sharding = getattr(leaf, "sharding", None)
-    if sharding is None:
+    sharding = _traced_sharding(leaf) if _is_tracer(leaf) else getattr(leaf, "sharding", None)
+    mesh = getattr(sharding, "mesh", None)
+    spec = getattr(sharding, "spec", None)
+    if mesh is None or spec is None or not _has_explicit_axes(mesh):
         return None
-    if sharding.is_fully_replicated:
-        return ("replicated", tuple(sorted(d.id for d in sharding.device_set)))
-    return "sharded"
+    return None if all(axis is None for axis in spec) else "sharded"
+
+
+def _committed_devices(leaf) -> frozenset | None:
+    """The devices of a committed concrete JAX array; ``None`` for anything else
+    (NumPy, uncommitted arrays, which follow the others, tracers, abstract leaves)."""
+    if _is_tracer(leaf) or not isinstance(leaf, jax.Array) or not leaf.committed:
+        return None
+    return frozenset(leaf.sharding.device_set)
+
+
+def check_one_device_set(leaves_with_paths) -> None:
+    """Raises ``ValueError`` if concrete leaves live on different sets of devices.
+
+    One grouped buffer cannot hold leaves committed to different devices, and
+    a single ``jit`` cannot take them either.
+    """
+    first: tuple[frozenset, str] | None = None
+    for path, leaf in leaves_with_paths:
+        devices = _committed_devices(leaf)
+        if devices is None:
+            continue
+        if first is None:
+            first = (devices, jax.tree_util.keystr(path))
+        elif devices != first[0]:
+            other_devices, other_path = first
+            raise ValueError(
+                f"Leaves {other_path} and {jax.tree_util.keystr(path)} live on different "
+                f"devices ({sorted(d.id for d in other_devices)} vs "
+                f"{sorted(d.id for d in devices)}); the grouped layout concatenates leaves "
+                "into shared buffers and cannot span them. Put them on the same devices "
+                '(jax.device_put) or use layout="per_leaf".'
+            )
 
 
 def zeros_like_param(param, dtype) -> jax.Array:
@@ -181,19 +209,22 @@ class LeafSpecs(NamedTuple):
 class ShardedState:
     """State of :func:`shard_state`: the inner state, plus the static specs in aux data."""
 
-    def __init__(self, inner: Any, specs: tuple[LeafSpecs, ...]):
+    def __init__(
+        self, inner: Any, specs: tuple[LeafSpecs, ...], signature: TreeSignature | None = None
+    ):
         self.inner = inner
         self.specs = specs
+        self.signature = signature
 
     def tree_flatten_with_keys(self):
-        return [(jax.tree_util.GetAttrKey("inner"), self.inner)], self.specs
+        return [(jax.tree_util.GetAttrKey("inner"), self.inner)], (self.specs, self.signature)
 
     def tree_flatten(self):
-        return (self.inner,), self.specs
+        return (self.inner,), (self.specs, self.signature)
 
     @classmethod
-    def tree_unflatten(cls, specs, children):
-        return cls(children[0], specs)
+    def tree_unflatten(cls, aux, children):
+        return cls(children[0], *aux)
 
     def __repr__(self) -> str:
         return f"ShardedState(inner={self.inner!r})"
@@ -272,14 +303,20 @@ def shard_state(
 
     def init_fn(params):
         specs = leaf_specs(params)
-        return ShardedState(tx.init(place(params, specs, "state")), specs)
+        signature = TreeSignature.of(params, with_paths=True)
+        return ShardedState(tx.init(place(params, specs, "state")), specs, signature)
 
     def update_fn(updates, state: ShardedState, params=None):
         specs = state.specs
+        if state.signature is not None:
+            name = "the params of the optimizer state"
+            match_leaves(updates, state.signature, name="grads", reference_name=name)
+            if params is not None:
+                match_leaves(params, state.signature, name="params", reference_name=name)
         updates = place(updates, specs, "state")
         if params is not None:
             params = place(params, specs, "state")
         updates, inner = tx.update(updates, state.inner, params)
-        return place(updates, specs, "param"), ShardedState(inner, specs)
+        return place(updates, specs, "param"), ShardedState(inner, specs, state.signature)
 
     return optax.GradientTransformation(init_fn, update_fn)

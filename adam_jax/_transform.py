@@ -12,15 +12,19 @@ from jax.typing import ArrayLike, DTypeLike
 from adam_jax._layout import (
     DEFAULT_MAX_GROUPED_SIZE,
     GroupedMoments,
+    GroupPlan,
     Layout,
     check_layout,
     grouped_zeros,
+    make_plan,
     use_grouped_plan,
 )
 from adam_jax._math import AmsgradMode, adam_leaf
 from adam_jax._numerics import (
     Convention,
+    SharedScalars,
     adam_coefficients,
+    cast_scalar,
     compute_dtype,
     evaluate_schedule,
     one_minus,
@@ -34,7 +38,9 @@ from adam_jax._validate import (
     check_adam_hyperparams,
     check_inexact_leaves,
     check_non_negative,
-    check_same_shapes,
+    check_static_bool,
+    check_storage_dtype,
+    match_leaves,
 )
 
 ScalarOrSchedule = optax.ScalarOrSchedule
@@ -57,6 +63,39 @@ def default_nu_dtype(param_dtype) -> jnp.dtype:
     """
     dtype = real_dtype(param_dtype)
     return jnp.dtype(jnp.float32) if dtype == jnp.float16 else dtype
+
+
+def default_mu_dtype(param_dtype) -> jnp.dtype:
+    """Storage dtype of ``mu`` when ``mu_dtype=None``: the param dtype, but float32 for
+    float16 params, so that both moments of a leaf have the same precision.
+
+    With ``mu`` in float16 and ``nu`` in float32, zero gradients make ``0.9 * m``
+    round back to ``m`` once ``m`` is a few subnormal ulps (it stalls near
+    2.4e-7) while ``v`` keeps decaying, so ``m / sqrt(v)`` grows without bound:
+    20,000 zero gradients after one gradient of 1e-2 moved a float16 param by
+    -22 instead of -0.006.
+    """
+    dtype = jnp.dtype(param_dtype)
+    return jnp.dtype(jnp.float32) if dtype == jnp.float16 else dtype
+
+
+def eager_plan(gs, ms, vs) -> GroupPlan | None:
+    """A plan that concatenates the small leaves for one eager (un-jitted) step, or ``None``.
+
+    Leaves share a buffer when their gradient, ``mu`` and ``nu`` dtypes agree;
+    ``None`` when nothing would share one, or when the leaves live on
+    different devices (then the step runs per leaf, as under ``jit``).
+    """
+    if len(gs) < 2:
+        return None
+    dtypes = [
+        (jnp.dtype(m.dtype).name, jnp.dtype(v.dtype).name) for m, v in zip(ms, vs, strict=True)
+    ]
+    try:
+        plan = make_plan(list(gs), group_fn=lambda path, _: dtypes[path[0].idx])
+    except ValueError:
+        return None
+    return plan if plan.has_groups else None
 
 
 def _amsgrad_mode(amsgrad: bool, convention: Convention) -> AmsgradMode:
@@ -86,6 +125,15 @@ def scale_by_adam_with_convention(
     Used by the aliases and by :mod:`adam_jax.compat`; see :func:`scale_by_adam`.
     """
     check_adam_hyperparams(b1, b2, eps, eps_root)
+    check_storage_dtype("mu_dtype", mu_dtype)
+    check_storage_dtype("nu_dtype", nu_dtype)
+    for flag_name, flag in (
+        ("nesterov", nesterov),
+        ("amsgrad", amsgrad),
+        ("bias_correction_mu", bias_correction_mu),
+        ("bias_correction_nu", bias_correction_nu),
+    ):
+        check_static_bool(flag_name, flag)
     if nesterov and convention is Convention.KERAS:
         raise ValueError("nesterov=True is not defined for the Keras convention.")
     mu_dtype = _canonical_dtype(mu_dtype)
@@ -94,7 +142,7 @@ def scale_by_adam_with_convention(
     check_layout(layout)
 
     def mu_dtype_of(param_dtype):
-        return mu_dtype or param_dtype
+        return mu_dtype or default_mu_dtype(param_dtype)
 
     def nu_dtype_of(param_dtype):
         return nu_dtype or default_nu_dtype(param_dtype)
@@ -115,17 +163,8 @@ def scale_by_adam_with_convention(
             nu_max=zeros(nu_dtype_of) if amsgrad else None,
         )
 
-    def update_fn(updates, state: AdamState, params=None):
-        del params
-        grouped = isinstance(state.mu, GroupedMoments)
-        if grouped:
-            state.mu.plan.check_leaves(updates, name="grads")
-        else:
-            check_same_shapes(
-                updates, state.mu, name="grads", reference_name="the params of the optimizer state"
-            )
-        check_inexact_leaves(updates, name="grads")
-        count_inc = safe_increment(state.count)
+    def scalars_for(dtype, count_inc) -> dict:
+        """The per-step scalars of ``adam_leaf``, formed in ``dtype`` (float32/float64)."""
         coef = adam_coefficients(
             count_inc,
             b1,
@@ -134,28 +173,51 @@ def scale_by_adam_with_convention(
             nesterov=nesterov,
             bias_correction_mu=bias_correction_mu,
             bias_correction_nu=bias_correction_nu,
+            dtype=dtype,
         )
-        hyper = dict(
-            one_minus_b1=one_minus(b1),
-            one_minus_b2=one_minus(b2),
-            eps=to_scalar(eps),
-            eps_root=to_scalar(eps_root),
+        return dict(
+            coef=coef,
+            one_minus_b1=one_minus(b1, dtype),
+            one_minus_b2=one_minus(b2, dtype),
+            eps=to_scalar(eps, dtype),
+            eps_root=to_scalar(eps_root, dtype),
         )
 
+    def update_fn(updates, state: AdamState, params=None):
+        del params
+        grouped = isinstance(state.mu, GroupedMoments)
+        reference = state.mu.plan.signature if grouped else state.mu
+        gs = match_leaves(
+            updates, reference, name="grads", reference_name="the params of the optimizer state"
+        )
         treedef = jax.tree.structure(updates)
-        gs = treedef.flatten_up_to(updates)
+        check_inexact_leaves(updates, name="grads")
+        count_inc = safe_increment(state.count)
+        # Under jit the count is traced; eagerly every op dispatches on its own,
+        # so the grouped split takes the cheapest eager form (see GroupPlan.scatter).
+        eager = not isinstance(state.count, jax.core.Tracer)
+        scalars = SharedScalars(lambda dtype: scalars_for(dtype, count_inc))
+
+        vmax_leaves = jax.tree.leaves(state.nu_max) if amsgrad else None
         if grouped:
             plan = state.mu.plan
             gs = plan.gather(gs)
             ms, vs = state.mu.buffers, state.nu.buffers
             vmaxs = state.nu_max.buffers if amsgrad else [None] * len(gs)
         else:
-            ms = treedef.flatten_up_to(state.mu)
-            vs = treedef.flatten_up_to(state.nu)
-            vmaxs = treedef.flatten_up_to(state.nu_max) if amsgrad else [None] * len(gs)
+            ms, mu_def = jax.tree.flatten(state.mu)
+            vs, nu_def = jax.tree.flatten(state.nu)
+            vmaxs = vmax_leaves if amsgrad else [None] * len(gs)
+            # Eagerly, every jnp op dispatches on its own (tens of microseconds):
+            # run the math once on a concatenation of the small leaves instead
+            # of once per leaf. Elementwise, so the values are the per-leaf ones.
+            plan = eager_plan(gs, ms, vs) if eager else None
+            if plan is not None:
+                gs, ms, vs = plan.gather(gs), plan.gather(ms), plan.gather(vs)
+                vmaxs = plan.gather(vmaxs) if amsgrad else [None] * len(gs)
         out_u, out_m, out_v, out_vmax = [], [], [], []
         for g, m, v, vmax in zip(gs, ms, vs, vmaxs, strict=True):
-            res = adam_leaf(g, m, v, vmax, coef=coef, amsgrad=ams_mode, **hyper)
+            res = adam_leaf(g, m, v, vmax, amsgrad=ams_mode, **scalars[g.dtype])
             out_u.append(res.update.astype(g.dtype))
             out_m.append(res.mu.astype(m.dtype))
             out_v.append(res.nu.astype(v.dtype))
@@ -163,22 +225,32 @@ def scale_by_adam_with_convention(
 
         if grouped:
 
-            def pack(xs):
+            def pack_mu(xs):
                 return GroupedMoments(xs, plan)
 
-            # Materialise the flat update before splitting it: without the
-            # barrier XLA fuses every slice with the whole update expression
-            # (and its concatenation), which is quadratic to compile. The step
-            # count is the run-time value that keeps the split offsets opaque
-            # (one compiled kernel per leaf shape on CPU; see opaque_int32).
-            out_u = plan.scatter(jax.lax.optimization_barrier(out_u), state.count)
+            pack_nu = pack_mu
+            if eager:
+                out_u = plan.scatter(out_u)
+            else:
+                # Materialise the flat update before splitting it: without the
+                # barrier XLA fuses every slice with the whole update expression
+                # (and its concatenation), which is quadratic to compile. The
+                # step count is the run-time value that keeps the split offsets
+                # opaque (one compiled kernel per leaf shape on CPU; see
+                # opaque_int32).
+                out_u = plan.scatter(jax.lax.optimization_barrier(out_u), state.count)
         else:
-            pack = treedef.unflatten
+            if plan is not None:
+                out_u, out_m, out_v = plan.scatter(out_u), plan.scatter(out_m), plan.scatter(out_v)
+                out_vmax = plan.scatter(out_vmax) if amsgrad else out_vmax
+            # The moments keep the state's own structure (it may wrap leaves,
+            # e.g. nnx.Param, that the gradients carry bare).
+            pack_mu, pack_nu = mu_def.unflatten, nu_def.unflatten
         new_state = AdamState(
             count=count_inc,
-            mu=pack(out_m),
-            nu=pack(out_v),
-            nu_max=pack(out_vmax) if amsgrad else None,
+            mu=pack_mu(out_m),
+            nu=pack_nu(out_v),
+            nu_max=pack_nu(out_vmax) if amsgrad else None,
         )
         return treedef.unflatten(out_u), new_state
 
@@ -270,10 +342,24 @@ class ScheduleState(NamedTuple):
     count: jax.Array
 
 
-def _scheduled(value: ScalarOrSchedule, leaf_fn, *, needs_params: bool, name: str):
-    """Builds a transform applying ``leaf_fn(u, scalar_f32, p)`` with a float or schedule."""
-    if not callable(value):
-        check_non_negative(name, value)
+NO_PARAMS_MSG = "{name}: this transformation needs the params; call update(updates, state, params)."
+
+
+def check_params_given(params, name: str) -> None:
+    """Raises a clear ``ValueError`` when a transformation that needs params got none."""
+    if params is None:
+        raise ValueError(NO_PARAMS_MSG.format(name=name))
+
+
+def _scheduled(
+    value: ScalarOrSchedule, leaf_fn, *, needs_params: bool, name: str, negate: bool = False
+):
+    """Builds a transform applying ``leaf_fn(u, scalar, p)`` with a float or schedule.
+
+    The scalar is formed per leaf in the leaf's scalar dtype (float32, or
+    float64 for float64 leaves); a schedule is evaluated once per step.
+    """
+    check_non_negative(name, value, schedule_ok=True)
 
     def init_fn(params):
         del params
@@ -283,36 +369,43 @@ def _scheduled(value: ScalarOrSchedule, leaf_fn, *, needs_params: bool, name: st
 
     def update_fn(updates, state, params=None):
         if needs_params:
-            if params is None:
-                raise ValueError(optax.NO_PARAMS_MSG)
-            check_same_shapes(updates, params, name="updates", reference_name="params")
+            check_params_given(params, name)
+            match_leaves(updates, params, name="updates", reference_name="params")
         if callable(value):
-            scalar = evaluate_schedule(value, state.count)
+            raw = evaluate_schedule(value, state.count)
             state = ScheduleState(count=safe_increment(state.count))
         else:
-            scalar = to_scalar(value)
+            raw = value
+        sign = -1 if negate else 1
+        scalars = SharedScalars(lambda dtype: sign * to_scalar(raw, dtype))
         if needs_params:
-            updates = jax.tree.map(lambda u, p: leaf_fn(u, scalar, p), updates, params)
+            updates = jax.tree.map(lambda u, p: leaf_fn(u, scalars[u.dtype], p), updates, params)
         else:
-            updates = jax.tree.map(lambda u: leaf_fn(u, scalar, None), updates)
+            updates = jax.tree.map(lambda u: leaf_fn(u, scalars[u.dtype], None), updates)
         return updates, state
 
     return optax.GradientTransformation(init_fn, update_fn)
 
 
-def _descent_leaf(u, lr, _):
+def _descent_leaf(u, neg_lr, _):
     cdt = compute_dtype(u.dtype)
-    return (u.astype(cdt) * (-lr).astype(cdt)).astype(u.dtype)
+    return (u.astype(cdt) * cast_scalar(neg_lr, u.astype(cdt))).astype(u.dtype)
 
 
 def _decay_leaf(u, wd, p):
     cdt = compute_dtype(u.dtype)
-    return (u.astype(cdt) + wd.astype(cdt) * p.astype(cdt)).astype(u.dtype)
+    p = p.astype(cdt)
+    return (u.astype(cdt) + cast_scalar(wd, p) * p).astype(u.dtype)
 
 
 def scale_by_learning_rate(learning_rate: ScalarOrSchedule) -> optax.GradientTransformation:
-    """Multiplies updates by ``-learning_rate`` (a float or an optax schedule), in float32."""
-    return _scheduled(learning_rate, _descent_leaf, needs_params=False, name="learning_rate")
+    """Multiplies updates by ``-learning_rate`` (a float or an optax schedule).
+
+    In float32, or float64 for float64 leaves.
+    """
+    return _scheduled(
+        learning_rate, _descent_leaf, needs_params=False, name="learning_rate", negate=True
+    )
 
 
 def add_decayed_weights(

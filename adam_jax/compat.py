@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from adam_jax._layout import Layout
 from adam_jax._numerics import (
     Convention,
+    SharedScalars,
     compute_dtype,
     evaluate_schedule,
     safe_increment,
@@ -22,22 +24,37 @@ from adam_jax._transform import (
     ScalarOrSchedule,
     ScheduleState,
     add_decayed_weights,
+    check_params_given,
     negate,
     scale_by_adam_with_convention,
     scale_by_learning_rate,
 )
-from adam_jax._validate import check_same_shapes
+from adam_jax._validate import (
+    check_in_unit_interval,
+    check_non_negative,
+    check_static_bool,
+    match_leaves,
+)
 
 __all__ = ["keras_adam", "torch_adam", "torch_adamw"]
 
 
-def _shrink_factor(lr, weight_decay, count) -> jax.Array:
-    """``1 - lr * weight_decay`` as torch forms it: in float64 when both are numbers."""
+def _shrink_factor(lr, weight_decay, count, dtype) -> jax.Array:
+    """``1 - lr * weight_decay`` in ``dtype``, as torch forms it: in float64 when both
+    are numbers."""
     lr_now = evaluate_schedule(lr, count) if callable(lr) else lr
     wd_now = evaluate_schedule(weight_decay, count) if callable(weight_decay) else weight_decay
     if isinstance(lr_now, (int, float)) and isinstance(wd_now, (int, float)):
-        return to_scalar(1.0 - lr_now * wd_now)
-    return 1.0 - to_scalar(lr_now) * to_scalar(wd_now)
+        return to_scalar(1.0 - lr_now * wd_now, dtype)
+    return jnp.ones((), dtype) - to_scalar(lr_now, dtype) * to_scalar(wd_now, dtype)
+
+
+def _has_decay(weight_decay) -> bool:
+    """Whether a decay stage is built: always for a schedule or an array (a value
+    ``optax.inject_hyperparams`` may change, or a tracer), else when nonzero."""
+    if callable(weight_decay) or isinstance(weight_decay, (jax.Array, np.ndarray)):
+        return True
+    return weight_decay != 0.0
 
 
 def _torch_decoupled_decay(lr, weight_decay) -> optax.GradientTransformation:
@@ -49,21 +66,22 @@ def _torch_decoupled_decay(lr, weight_decay) -> optax.GradientTransformation:
     step lands (to float32 rounding of the Adam step itself).
     """
     scheduled = callable(lr) or callable(weight_decay)
+    check_non_negative("lr", lr, schedule_ok=True)
+    check_non_negative("weight_decay", weight_decay, schedule_ok=True)
 
     def init_fn(params):
         del params
         return ScheduleState(count=jnp.zeros([], jnp.int32)) if scheduled else optax.EmptyState()
 
     def update_fn(updates, state, params=None):
-        if params is None:
-            raise ValueError(optax.NO_PARAMS_MSG)
-        check_same_shapes(updates, params, name="updates", reference_name="params")
+        check_params_given(params, "weight_decay")
+        match_leaves(updates, params, name="updates", reference_name="params")
         count = state.count if scheduled else None
-        shrink = _shrink_factor(lr, weight_decay, count)
+        shrink = SharedScalars(lambda dtype: _shrink_factor(lr, weight_decay, count, dtype))
 
         def leaf(u, p):
             cdt = compute_dtype(u.dtype)
-            shrunk = (p * shrink.astype(p.dtype)).astype(p.dtype)
+            shrunk = (p * shrink[p.dtype].astype(p.dtype)).astype(p.dtype)
             return (u.astype(cdt) + (shrunk - p).astype(cdt)).astype(u.dtype)
 
         if scheduled:
@@ -71,6 +89,13 @@ def _torch_decoupled_decay(lr, weight_decay) -> optax.GradientTransformation:
         return jax.tree.map(leaf, updates, params), state
 
     return optax.GradientTransformation(init_fn, update_fn)
+
+
+def _betas(betas) -> tuple:
+    """``betas`` as a pair ``(b1, b2)``, or a clear ``TypeError``."""
+    if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+        raise TypeError(f"betas must be a pair (beta1, beta2), got {betas!r}.")
+    return tuple(betas)
 
 
 def torch_adam(
@@ -105,11 +130,19 @@ def torch_adam(
     References:
       https://pytorch.org/docs/stable/generated/torch.optim.Adam.html
     """
-    b1, b2 = betas
+    b1, b2 = _betas(betas)
+    check_non_negative("lr", lr, schedule_ok=True)
+    check_in_unit_interval("betas[0]", b1)
+    check_in_unit_interval("betas[1]", b2)
+    check_non_negative("eps", eps)
+    check_static_bool("amsgrad", amsgrad)
+    check_static_bool("maximize", maximize)
+    check_static_bool("decoupled_weight_decay", decoupled_weight_decay)
+    check_non_negative("weight_decay", weight_decay, schedule_ok=True)
     parts = []
     if maximize:
         parts.append(negate())
-    has_decay = callable(weight_decay) or weight_decay != 0.0
+    has_decay = _has_decay(weight_decay)
     if has_decay and not decoupled_weight_decay:
         parts.append(add_decayed_weights(weight_decay))
     parts.append(
@@ -184,11 +217,20 @@ def keras_adam(
       Kingma & Ba, arXiv:1412.6980, section 2 (the efficient form);
       https://keras.io/api/optimizers/adam/
     """
+    check_non_negative("learning_rate", learning_rate, schedule_ok=True)
+    check_in_unit_interval("beta_1", beta_1)
+    check_in_unit_interval("beta_2", beta_2)
+    check_non_negative("epsilon", epsilon)
+    check_static_bool("amsgrad", amsgrad)
+    if weight_decay is not None:
+        check_non_negative("weight_decay", weight_decay, schedule_ok=True)
     parts = [
         scale_by_adam_with_convention(
             beta_1, beta_2, epsilon, amsgrad=amsgrad, convention=Convention.KERAS, layout=layout
         )
     ]
+    # None (Keras's default) is no decay stage; any number, array or schedule
+    # builds one, so that an injected weight_decay keeps the state's structure.
     if weight_decay is not None:
         parts.append(add_decayed_weights(weight_decay))
     parts.append(scale_by_learning_rate(learning_rate))

@@ -129,8 +129,8 @@ def test_weight_decay_checks_params_shape():
         (lambda: adam_jax.adam(-1e-3), "learning_rate"),
         (lambda: adam_jax.adamw(1e-3, weight_decay=-0.1), "weight_decay"),
         (lambda: adam_jax.scale_by_adam(b2=float("nan")), "b2"),
-        (lambda: torch_adam(betas=(0.9, 1.0)), "b2"),
-        (lambda: keras_adam(epsilon=-1.0), "eps"),
+        (lambda: torch_adam(betas=(0.9, 1.0)), r"betas\[1\]"),
+        (lambda: keras_adam(epsilon=-1.0), "epsilon"),
     ],
 )
 def test_out_of_range_hyperparameters_raise_at_construction(make, match):

@@ -123,10 +123,13 @@ def test_mu_and_nu_dtypes_are_independent(layout):
     assert float(nu["a"][0, 0]) == pytest.approx(1e-3 * (1e-4 * (1 + 2**-8)) ** 2, rel=2e-2)
 
 
-def test_default_nu_dtype_float16_params_is_float32():
+def test_default_moment_dtypes_float16_params_are_both_float32():
+    """Both moments of a float16 leaf in float32: same precision (issue 13, item 1)."""
     state = adam_jax.scale_by_adam().init(_tree(jnp.float16))
-    assert all(x.dtype == jnp.float16 for x in jax.tree.leaves(state.mu))
+    assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(state.mu))
     assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(state.nu))
+    explicit = adam_jax.scale_by_adam(mu_dtype=jnp.float16).init(_tree(jnp.float16))
+    assert all(x.dtype == jnp.float16 for x in jax.tree.leaves(explicit.mu))
 
 
 def test_complex_nu_is_real_average_of_abs_squared():

@@ -193,3 +193,22 @@ def test_nnx_packed_train_step_matches_nnx_optimizer():
         jax.tree.leaves(final), jax.tree.leaves(nnx.state(model, nnx.Param)), strict=True
     ):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "mutate,match",
+    [
+        (lambda t: {("zz" if k == "a" else k): v for k, v in t.items()}, "missing from params"),
+        (lambda t: {**t, "b": t["b"].astype(jnp.bfloat16)}, r"Dtype mismatch at leaf \['b'\]"),
+        (lambda t: {**t, "b": jnp.ones((2, 1))}, r"Shape mismatch at leaf \['b'\]"),
+        (lambda t: [t["a"], t["b"]], "tree structure"),
+        (lambda t: {"a": t["a"]}, "missing from params: \\['b'\\]"),
+    ],
+    ids=["renamed", "dtype", "shape", "list", "missing"],
+)
+def test_pack_checks_structure_shapes_and_dtypes(mutate, match):
+    """Issue 13, item 10: a renamed tree or a leaf of another dtype used to pack silently."""
+    params = {"a": jnp.ones(3), "b": jnp.ones(2)}
+    packer = adam_jax.ParamPacker(params)
+    with pytest.raises(ValueError, match=match):
+        packer.pack(mutate(params))

@@ -11,12 +11,13 @@ from tests.harness import CASES, TOLERANCE, find_adam_state, run_trajectory
 from tests.reference import make_problem, max_rel_error, reference_trajectory
 
 # Storage the reference emulates per param dtype: (params, mu, nu). float16
-# keeps nu in float32 by default (adam_jax.default_nu_dtype explains why).
+# keeps both moments in float32 by default (adam_jax's default_nu_dtype and
+# default_mu_dtype explain why).
 STORAGE = {
     "float32": (None, None, None),
     "complex64": (None, None, None),
     "bfloat16": (ml_dtypes.bfloat16,) * 3,
-    "float16": (np.float16, np.float16, np.float32),
+    "float16": (np.float16, np.float32, np.float32),
 }
 
 
