@@ -164,3 +164,15 @@ def test_repeat_orders_are_permutations_that_vary_the_successors():
     # Method 0's successor changes across repeats (a cyclic order would fix it).
     successors = {o[(o.index(0) + 1) % n] for o in orders}
     assert len(successors) > 1
+
+
+def test_eager_script_writes_a_row_per_leaf_count(tmp_path):
+    from benchmarks import eager
+
+    eager.main(["--leaves", "3,7", "--repeats", "1", "--out", str(tmp_path)])
+    results = json.loads((tmp_path / "eager.json").read_text())
+    assert [r["leaves"] for r in results["rows"]] == [3, 7]
+    for row in results["rows"]:
+        assert set(row["seconds"]) == set(eager.METHODS)
+        assert all(t > 0 for t in row["seconds"].values())
+    assert "| 7 |" in (tmp_path / "eager.md").read_text()
