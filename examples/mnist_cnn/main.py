@@ -4,9 +4,10 @@ Usage (from anywhere)::
 
   python examples/mnist_cnn/main.py [--epochs N] [--batch-size B] [--lr LR] [--seed S]
       [--optimizer {adam_jax,optax}] [--packed] [--devices N [--zero1]] [--data-dir DIR]
-      [--out DIR] [--resume]
+      [--out DIR] [--resume | --overwrite] [--stop-after EPOCH]
 
-The last line printed is ``test_accuracy=<float>``.
+The last line printed is ``test_accuracy=<float>``. Bad arguments exit with status 2
+(argparse); a run that cannot start or continue prints ``error: ...`` and exits with 1.
 """
 
 from __future__ import annotations
@@ -60,6 +61,12 @@ def parse_args(argv: list[str] | None = None) -> Config:
     p.add_argument("--out", default=d.out, help="metrics JSON, curves PNG and checkpoints")
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
     p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace the checkpoints, metrics and curves of an earlier run in --out "
+        "(without it a fresh run refuses to start there)",
+    )
+    p.add_argument(
         "--stop-after",
         type=int,
         default=d.stop_after,
@@ -91,6 +98,7 @@ def parse_args(argv: list[str] | None = None) -> Config:
             data_dir=args.data_dir,
             out=args.out,
             resume=args.resume,
+            overwrite=args.overwrite,
             stop_after=args.stop_after,
             progress=not args.no_progress,
             devices=args.devices,
@@ -110,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         result = train.train_and_evaluate(cfg)
-    except (FileNotFoundError, data.MnistFormatError, train.ResumeError) as err:
+    except (FileNotFoundError, data.MnistFormatError, train.RunError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
     print(f"test_accuracy={result.test_accuracy:.4f}", flush=True)

@@ -39,10 +39,25 @@ from .data import Dataset, load_dataset
 from .model import CNN, random_shift
 
 LOG_EVERY = 10  # steps between updates of the progress bar's running loss
+CHECKPOINTS = "checkpoints"  # directory in --out
+SETTINGS_FILE = "settings.json"  # in CHECKPOINTS: the state layout the checkpoints have
+OUTPUTS = (CHECKPOINTS, "metrics.json", "curves.png")  # what a run writes in --out
 
 
-class ResumeError(ValueError):
+class RunError(Exception):
+    """A run cannot start or go on for a reason the user can fix; ``main`` prints one line."""
+
+
+class SetupError(RunError, ValueError):
+    """``--out``, the data or the devices do not fit the settings; nothing was trained."""
+
+
+class ResumeError(RunError, ValueError):
     """``--resume`` cannot continue: no checkpoint, or one from a different configuration."""
+
+
+class DivergedError(RunError, ArithmeticError):
+    """A training loss was NaN or infinite; the epoch was not checkpointed."""
 
 
 class TrainResult(NamedTuple):
@@ -395,13 +410,18 @@ def restore_checkpoint(
     return state, train_key, int(tree["epoch"]), meta["history"]
 
 
-def check_resumable(saved: dict[str, Any], current: dict[str, Any], where: Path) -> None:
-    """Raises ResumeError naming every setting that differs from the checkpoint's."""
-    diffs = [
+def setting_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """``"name: checkpoint <saved>, now <current>"`` for every setting that differs."""
+    return [
         f"{k}: checkpoint {saved.get(k)!r}, now {v!r}"
         for k, v in current.items()
         if saved.get(k) != v
     ]
+
+
+def check_resumable(saved: dict[str, Any], current: dict[str, Any], where: Path) -> None:
+    """Raises ResumeError naming every setting that differs from the checkpoint's."""
+    diffs = setting_differences(saved, current)
     if diffs:
         raise ResumeError(
             f"--resume: the checkpoint in {where} was trained with other settings, so the "
@@ -557,13 +577,106 @@ def format_epoch(record: dict[str, Any], epochs: int) -> str:
     )
 
 
+def check_out(cfg: Config) -> None:
+    """Checks ``cfg.out`` before any work; changes nothing on disk.
+
+    A fresh run refuses an ``out`` that holds an earlier run's outputs unless
+    ``cfg.overwrite``; a resumed run needs checkpoints whose state layout
+    (:data:`config.LAYOUT_FIELDS`, recorded in ``checkpoints/settings.json``) matches ``cfg``.
+
+    Raises:
+      SetupError: ``out`` is not a directory, or holds an earlier run's outputs.
+      ResumeError: ``cfg.resume`` without checkpoints of the same state layout.
+    """
+    out = Path(cfg.out)
+    if out.exists() and not out.is_dir():
+        raise SetupError(f"--out {out}: not a directory")
+    if cfg.resume:
+        check_layout(out / CHECKPOINTS, cfg)
+        return
+    earlier = earlier_outputs(out)
+    if earlier and not cfg.overwrite:
+        raise SetupError(
+            f"--out {out} holds the outputs of an earlier run ({', '.join(earlier)}): "
+            "continue it with --resume, replace it with --overwrite, or choose another --out"
+        )
+
+
+def earlier_outputs(out: Path) -> list[str]:
+    """The names in ``out`` a fresh run would replace; a settings record alone is no output."""
+    names = [n for n in OUTPUTS if (out / n).exists()]
+    ckpt_dir = out / CHECKPOINTS
+    if ckpt_dir.is_dir() and not any(p.name != SETTINGS_FILE for p in ckpt_dir.iterdir()):
+        names.remove(CHECKPOINTS)
+    return [f"{n}/" if n == CHECKPOINTS else n for n in names]
+
+
+def check_layout(ckpt_dir: Path, cfg: Config) -> None:
+    """Raises ResumeError unless ``ckpt_dir``'s recorded state layout is ``cfg.layout()``."""
+    steps = [p for p in ckpt_dir.iterdir() if p.name.isdigit()] if ckpt_dir.is_dir() else []
+    if not steps:
+        raise ResumeError(f"--resume: no checkpoint found in {ckpt_dir}")
+    record = ckpt_dir / SETTINGS_FILE
+    if not record.is_file():
+        raise ResumeError(
+            f"--resume: {ckpt_dir} has no {SETTINGS_FILE}, the record of the settings its "
+            "checkpoints were written with (an older version of this example wrote them); "
+            "start over with --overwrite"
+        )
+    try:
+        saved = json.loads(record.read_text())
+    except (OSError, ValueError) as err:
+        raise ResumeError(f"--resume: cannot read {record} ({err})") from err
+    diffs = setting_differences(saved, cfg.layout())
+    if diffs:
+        raise ResumeError(
+            f"--resume: the checkpoints in {ckpt_dir} hold a state of another layout "
+            f"({'; '.join(diffs)}), which cannot be restored into this run; resume with the "
+            "checkpoint's --devices, --zero1, --optimizer and --packed, or start over with "
+            "--overwrite"
+        )
+
+
 def open_checkpoints(cfg: Config) -> ocp.CheckpointManager:
-    """Creates ``cfg.out``; a fresh (not resumed) run first deletes old checkpoints there."""
-    ckpt_dir = Path(cfg.out) / "checkpoints"
-    if not cfg.resume and ckpt_dir.exists():
-        shutil.rmtree(ckpt_dir)
-    Path(cfg.out).mkdir(parents=True, exist_ok=True)
+    """Creates ``cfg.out``; a fresh run replaces the checkpoints there and records its layout.
+
+    Call :func:`check_out` first: it refuses to replace an earlier run's checkpoints
+    without ``cfg.overwrite``.
+    """
+    out = Path(cfg.out)
+    ckpt_dir = out / CHECKPOINTS
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        if not cfg.resume:
+            if ckpt_dir.exists():
+                shutil.rmtree(ckpt_dir)
+            ckpt_dir.mkdir()
+            (ckpt_dir / SETTINGS_FILE).write_text(json.dumps(cfg.layout(), indent=1))
+    except OSError as err:
+        raise SetupError(f"--out {out}: {err}") from err
     return checkpoint_manager(ckpt_dir, cfg.keep_checkpoints)
+
+
+def check_data(data: Dataset, cfg: Config) -> None:
+    """Raises SetupError if the data cannot fill a training batch or has no test digit."""
+    n_train, n_test = data.train_labels.size, data.test_labels.size
+    if n_train < cfg.batch_size:
+        raise SetupError(
+            f"{n_train} training digits, fewer than one batch (--batch-size {cfg.batch_size}): "
+            "use a smaller --batch-size or more data"
+        )
+    if n_test == 0:
+        raise SetupError("the test set is empty: no digit to evaluate on")
+
+
+def check_finite(losses: np.ndarray, epoch: int, cfg: Config) -> None:
+    """Raises DivergedError at the first NaN or infinite step loss of ``epoch``."""
+    bad = np.flatnonzero(~np.isfinite(losses))
+    if bad.size:
+        raise DivergedError(
+            f"training diverged: loss {losses[bad[0]]} at epoch {epoch}, step {bad[0] + 1} of "
+            f"{losses.size} (--lr {cfg.lr:g}); epoch {epoch} was not checkpointed"
+        )
 
 
 def write_outputs(cfg: Config, data: Dataset, history: list, accuracy: float, wall: float) -> None:
@@ -589,6 +702,34 @@ def log(line: str) -> None:
     print(line, flush=True)
 
 
+def train_epochs(
+    run: Run, manager: ocp.CheckpointManager, state: nnx.State | PackedState
+) -> tuple[nnx.State | PackedState, list[dict[str, Any]]]:
+    """Resumes from ``manager`` if ``run.cfg.resume``, then trains, checkpointing each epoch.
+
+    Returns the final state and the history of all epochs (those before a resume included).
+    """
+    cfg, train_key = run.cfg, run.train_key
+    history: list[dict[str, Any]] = []
+    done = 0
+    if cfg.resume:
+        shardings = jax.tree.map(lambda x: x.sharding, state)
+        state, train_key, done, history = restore_checkpoint(manager, state, train_key, cfg)
+        state = parallel.place_like(state, shardings)
+        run = run._replace(train_key=train_key)
+        log(f"resumed from {manager.directory} after epoch {done}/{cfg.epochs}")
+    last_epoch = cfg.epochs if cfg.stop_after is None else min(cfg.epochs, cfg.stop_after)
+    for epoch in range(done + 1, last_epoch + 1):
+        state, record = run_epoch(run, state, epoch)
+        check_finite(np.asarray(record["step_losses"]), epoch, cfg)
+        history.append(record)
+        log(format_epoch(record, cfg.epochs))
+        meta = {"epoch": epoch, "config": cfg.trajectory(), "history": history}
+        save_checkpoint(manager, epoch, state, run.train_key, meta)
+        write_metrics(Path(cfg.out) / "metrics.json", cfg, run.data, history, {})
+    return state, history
+
+
 def train_and_evaluate(cfg: Config, data: Dataset | None = None) -> TrainResult:
     """Trains the CNN as ``cfg`` says, checkpointing each epoch to ``cfg.out``.
 
@@ -601,15 +742,20 @@ def train_and_evaluate(cfg: Config, data: Dataset | None = None) -> TrainResult:
 
     Raises:
       FileNotFoundError, data.MnistFormatError: the data could not be read.
+      SetupError: ``cfg.out``, the data or the devices do not fit ``cfg`` (before training).
       ResumeError: ``cfg.resume`` without a matching checkpoint.
+      DivergedError: a step loss was NaN or infinite.
     """
     start = time.perf_counter()
+    check_out(cfg)
     data = limit_data(data if data is not None else load_dataset(cfg.data_dir), cfg)
+    check_data(data, cfg)
     steps_per_epoch = data.train_labels.size // cfg.batch_size
-    if steps_per_epoch == 0:
-        raise ValueError(f"batch size {cfg.batch_size} > {data.train_labels.size} train digits")
     init_key, train_key = jax.random.split(jax.random.key(cfg.seed))
-    mesh = parallel.data_mesh(cfg.devices)
+    try:
+        mesh = parallel.data_mesh(cfg.devices)
+    except ValueError as err:
+        raise SetupError(str(err)) from err
     packing = None
     if cfg.packed:
         model, packing, state = create_packed(cfg, steps_per_epoch, init_key, mesh)
@@ -622,14 +768,6 @@ def train_and_evaluate(cfg: Config, data: Dataset | None = None) -> TrainResult:
         eval_fn = partial(eval_step, graphdef)
     for line in describe_run(cfg, data, model, steps_per_epoch, packing):
         log(line)
-    manager = open_checkpoints(cfg)
-    history: list[dict[str, Any]] = []
-    done = 0
-    if cfg.resume:
-        shardings = jax.tree.map(lambda x: x.sharding, state)
-        state, train_key, done, history = restore_checkpoint(manager, state, train_key, cfg)
-        state = parallel.place_like(state, shardings)
-        log(f"resumed from {manager.directory} after epoch {done}/{cfg.epochs}")
     run = Run(
         cfg,
         data,
@@ -638,16 +776,12 @@ def train_and_evaluate(cfg: Config, data: Dataset | None = None) -> TrainResult:
         parallel.replicate((jnp.asarray(data.train_images), jnp.asarray(data.train_labels)), mesh),
         train_key,
     )
-    last_epoch = cfg.epochs if cfg.stop_after is None else min(cfg.epochs, cfg.stop_after)
-    for epoch in range(done + 1, last_epoch + 1):
-        state, record = run_epoch(run, state, epoch)
-        history.append(record)
-        log(format_epoch(record, cfg.epochs))
-        meta = {"epoch": epoch, "config": cfg.trajectory(), "history": history}
-        save_checkpoint(manager, epoch, state, train_key, meta)
-        write_metrics(Path(cfg.out) / "metrics.json", cfg, data, history, {})
-    manager.wait_until_finished()
-    manager.close()
+    manager = open_checkpoints(cfg)
+    try:
+        state, history = train_epochs(run, manager, state)
+    finally:
+        manager.wait_until_finished()  # the last good epoch's save completes even on an error
+        manager.close()
     accuracy = history[-1]["test_accuracy"] if history else float("nan")
     wall = time.perf_counter() - start
     write_outputs(cfg, data, history, accuracy, wall)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 
 import jax
 import numpy as np
@@ -57,3 +58,30 @@ def test_data_parallel_resume_is_bitwise(tmp_path, digits):
     resumed = mnist_train.train_and_evaluate(dataclasses.replace(resumed_cfg, resume=True), digits)
     for a, b in zip(jax.tree.leaves(straight.params), jax.tree.leaves(resumed.params), strict=True):
         np.testing.assert_array_equal(a, b)
+
+
+@pytest.fixture(scope="module")
+def stopped_on_two_devices(tmp_path_factory, digits):
+    """The config of a 2-device run (state replicated) stopped after epoch 1, to resume."""
+    kw = {"train_limit": 64, "test_limit": 32, "features": (4, 8), "hidden": 16, "epochs": 2}
+    cfg = tiny_config(tmp_path_factory.mktemp("stopped"), devices=2, **kw)
+    mnist_train.train_and_evaluate(dataclasses.replace(cfg, stop_after=1), digits)
+    return dataclasses.replace(cfg, resume=True)
+
+
+@pytest.mark.parametrize(
+    "devices, zero1, differences",
+    [
+        (1, False, "devices: checkpoint 2, now 1"),
+        (4, False, "devices: checkpoint 2, now 4"),
+        (2, True, "zero1: checkpoint False, now True"),
+        (8, True, "devices: checkpoint 2, now 8; zero1: checkpoint False, now True"),
+    ],
+)
+def test_resume_with_other_devices_or_zero1_is_refused(
+    stopped_on_two_devices, digits, devices, zero1, differences
+):
+    """Not supported yet: a ResumeError (one line from main.py), not an orbax traceback."""
+    cfg = dataclasses.replace(stopped_on_two_devices, devices=devices, zero1=zero1)
+    with pytest.raises(mnist_train.ResumeError, match=re.escape(differences)):
+        mnist_train.train_and_evaluate(cfg, digits)
