@@ -49,7 +49,7 @@ def adam(
     nesterov: bool = False,
     amsgrad: bool = False,
     nu_dtype: DTypeLike | None = None,
-    layout: Layout = "auto",
+    layout: Layout = "per_leaf",
 ) -> optax.GradientTransformation:
     r"""Adam (Kingma & Ba, 2014), with optax's semantics.
 
@@ -115,7 +115,7 @@ def adamw(
     nesterov: bool = False,
     amsgrad: bool = False,
     nu_dtype: DTypeLike | None = None,
-    layout: Layout = "auto",
+    layout: Layout = "per_leaf",
 ) -> optax.GradientTransformation:
     r"""AdamW: Adam with decoupled weight decay (Loshchilov & Hutter, 2019).
 
@@ -169,7 +169,7 @@ def nadam(
     nesterov: bool = True,
     amsgrad: bool = False,
     nu_dtype: DTypeLike | None = None,
-    layout: Layout = "auto",
+    layout: Layout = "per_leaf",
 ) -> optax.GradientTransformation:
     r"""NAdam: Adam with Nesterov momentum (Dozat, 2016), in optax's form.
 
@@ -212,7 +212,7 @@ def nadamw(
     nesterov: bool = True,
     amsgrad: bool = False,
     nu_dtype: DTypeLike | None = None,
-    layout: Layout = "auto",
+    layout: Layout = "per_leaf",
 ) -> optax.GradientTransformation:
     r"""NAdamW: :func:`adamw` with Nesterov momentum (Dozat 2016; Loshchilov & Hutter 2019).
 
@@ -251,7 +251,7 @@ def amsgrad(
     bias_correction_nu: bool = True,
     *,
     nu_dtype: DTypeLike | None = None,
-    layout: Layout = "auto",
+    layout: Layout = "per_leaf",
 ) -> optax.GradientTransformation:
     r"""AMSGrad (Reddi et al., 2018) with optax's semantics.
 

@@ -27,17 +27,23 @@ import jax.numpy as jnp
 from adam_jax._sharding import check_one_device_set, placement_key, zeros_like_param
 from adam_jax._validate import TreeSignature, leaf_paths, match_leaves
 
-Layout = Literal["auto", "per_leaf", "grouped"]
-LAYOUTS = ("auto", "per_leaf", "grouped")
+Layout = Literal["per_leaf", "grouped"]
+LAYOUTS = ("per_leaf", "grouped")
 
-#: Leaves with at most this many elements are grouped (``layout="auto"`` or
-#: ``"grouped"``). Grouping costs a copy of the gradient and of the update
-#: (about 12 extra bytes per element); it pays while that is cheaper than the
+#: Leaves with at most this many elements are grouped (``layout="grouped"``).
+#: Grouping costs a copy of the gradient and of the update (about 12 extra
+#: bytes per element); it pays while that is cheaper than the
 #: fixed per-leaf cost, which is a few microseconds per kernel.
 DEFAULT_MAX_GROUPED_SIZE = 2**15
 
 
 def check_layout(layout: str) -> None:
+    if layout == "auto":
+        raise ValueError(
+            'layout="auto" was removed: it grouped on one device and not on several, so '
+            "the state's structure depended on the machine. Use the default "
+            '"per_leaf" (optax\'s state), or "grouped" for many small leaves.'
+        )
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}.")
 
@@ -279,19 +285,12 @@ def moments_as_tree(moments):
 def use_grouped_plan(params, layout: str, max_grouped_size: int | None) -> GroupPlan | None:
     """The plan to use for ``params`` under ``layout``, or ``None`` for per-leaf moments.
 
-    ``"grouped"`` always groups. ``"auto"`` groups only on a single device and
-    only when at least two small leaves share a buffer: with several devices the
-    state's layout would depend on whether ``init`` ran eagerly or under ``jit``
-    (where placement may be unknown), so ``"auto"`` keeps it per-leaf there.
+    It never depends on the machine (device count, placement unknown under
+    ``jit``): ``"grouped"`` always groups, ``"per_leaf"`` never does.
     """
     if layout == "per_leaf":
         return None
-    if layout == "auto" and jax.device_count() > 1:
-        return None
-    plan = make_plan(params, max_grouped_size)
-    if layout == "auto" and not plan.has_groups:
-        return None
-    return plan
+    return make_plan(params, max_grouped_size)
 
 
 def grouped_zeros(params, plan: GroupPlan, dtype_fn: Callable[[Any], Any]) -> GroupedMoments:

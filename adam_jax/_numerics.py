@@ -200,6 +200,23 @@ def abs_sq(x: jax.Array) -> jax.Array:
     return x * x
 
 
+def as_array_leaf(x):
+    """A Python ``int``/``float`` leaf as a floating JAX scalar; anything else unchanged.
+
+    optax accepts Python numbers as params (``{"a": 1, "b": 2}``); they become
+    floating scalars (float32, or float64 with x64) rather than integer arrays,
+    which the Adam family rejects.
+    """
+    if isinstance(x, (int, float)) and not isinstance(x, bool):
+        return jnp.asarray(float(x))
+    return x
+
+
+def arrays_tree(tree):
+    """:func:`as_array_leaf` on every leaf of ``tree`` (``None`` stays ``None``)."""
+    return None if tree is None else jax.tree.map(as_array_leaf, tree)
+
+
 def cast_scalar(s: jax.Array, like: jax.Array) -> jax.Array:
     """Casts a scalar to the dtype of ``like`` (explicit, strict-safe; free if equal)."""
     return s if s.dtype == like.dtype else s.astype(like.dtype)

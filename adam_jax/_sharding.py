@@ -113,6 +113,31 @@ def zeros_like_param(param, dtype) -> jax.Array:
     return jnp.where(jnp.zeros_like(param, dtype=bool), source.astype(dtype), zeros)
 
 
+def zeros_count_like(params) -> jax.Array:
+    """A scalar int32 zero (a step count) placed with ``params``.
+
+    When every committed param lives on one set of devices, the count is
+    replicated there (on the mesh of a ``NamedSharding``), so that a state
+    restored with these shardings feeds a jitted step next to its params (a
+    count left on device 0 next to params on a mesh fails with "incompatible
+    devices"). Under ``jit``, for uncommitted params, or for params on several
+    device sets, it is a plain (uncommitted) ``jnp.zeros``.
+    """
+    count = jnp.zeros([], jnp.int32)
+    leaves = jax.tree.leaves(params)
+    if any(_is_tracer(x) for x in leaves):
+        return count
+    committed = [x for x in leaves if isinstance(x, jax.Array) and x.committed]
+    if not committed or len({frozenset(x.sharding.device_set) for x in committed}) != 1:
+        return count
+    sharding = committed[0].sharding
+    if isinstance(sharding, NamedSharding):
+        return jax.device_put(count, NamedSharding(sharding.mesh, PartitionSpec()))
+    if len(sharding.device_set) == 1:
+        return jax.device_put(count, next(iter(sharding.device_set)))
+    return count
+
+
 def state_shardings(tx: optax.GradientTransformation, params: Any) -> Any:
     """The sharding of every leaf of ``tx.init(params)``, found by compiling, not running, it.
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -24,6 +24,7 @@ from adam_jax._numerics import (
     Convention,
     SharedScalars,
     adam_coefficients,
+    arrays_tree,
     cast_scalar,
     compute_dtype,
     evaluate_schedule,
@@ -32,8 +33,8 @@ from adam_jax._numerics import (
     safe_increment,
     to_scalar,
 )
-from adam_jax._sharding import zeros_like_param
-from adam_jax._state import AdamState
+from adam_jax._sharding import zeros_count_like, zeros_like_param
+from adam_jax._state import AdamState, AmsgradState, ScheduleState, WeightDecaySchedule
 from adam_jax._validate import (
     check_adam_hyperparams,
     check_inexact_leaves,
@@ -117,7 +118,7 @@ def scale_by_adam_with_convention(
     convention: Convention = Convention.OPTAX,
     bias_correction_mu: bool = True,
     bias_correction_nu: bool = True,
-    layout: Layout = "auto",
+    layout: Layout = "per_leaf",
     max_grouped_size: int = DEFAULT_MAX_GROUPED_SIZE,
 ) -> optax.GradientTransformation:
     """:func:`scale_by_adam` with the convention and bias-correction switches exposed.
@@ -147,7 +148,8 @@ def scale_by_adam_with_convention(
     def nu_dtype_of(param_dtype):
         return nu_dtype or default_nu_dtype(param_dtype)
 
-    def init_fn(params) -> AdamState:
+    def init_fn(params) -> AdamState | AmsgradState:
+        params = arrays_tree(params)
         check_inexact_leaves(params, name="params")
         plan = use_grouped_plan(params, layout, max_grouped_size)
 
@@ -156,12 +158,15 @@ def scale_by_adam_with_convention(
                 return grouped_zeros(params, plan, dtype_of)
             return jax.tree.map(lambda p: zeros_like_param(p, dtype_of(p.dtype)), params)
 
-        return AdamState(
-            count=jnp.zeros([], jnp.int32),
-            mu=zeros(mu_dtype_of),
-            nu=zeros(nu_dtype_of),
-            nu_max=zeros(nu_dtype_of) if amsgrad else None,
-        )
+        count = zeros_count_like(params)
+        if amsgrad:
+            return AmsgradState(
+                count=count,
+                mu=zeros(mu_dtype_of),
+                nu=zeros(nu_dtype_of),
+                nu_max=zeros(nu_dtype_of),
+            )
+        return AdamState(count=count, mu=zeros(mu_dtype_of), nu=zeros(nu_dtype_of))
 
     def scalars_for(dtype, count_inc) -> dict:
         """The per-step scalars of ``adam_leaf``, formed in ``dtype`` (float32/float64)."""
@@ -183,8 +188,9 @@ def scale_by_adam_with_convention(
             eps_root=to_scalar(eps_root, dtype),
         )
 
-    def update_fn(updates, state: AdamState, params=None):
+    def update_fn(updates, state: AdamState | AmsgradState, params=None):
         del params
+        updates = arrays_tree(updates)
         grouped = isinstance(state.mu, GroupedMoments)
         reference = state.mu.plan.signature if grouped else state.mu
         gs = match_leaves(
@@ -246,12 +252,12 @@ def scale_by_adam_with_convention(
             # The moments keep the state's own structure (it may wrap leaves,
             # e.g. nnx.Param, that the gradients carry bare).
             pack_mu, pack_nu = mu_def.unflatten, nu_def.unflatten
-        new_state = AdamState(
-            count=count_inc,
-            mu=pack_mu(out_m),
-            nu=pack_nu(out_v),
-            nu_max=pack_nu(out_vmax) if amsgrad else None,
-        )
+        if amsgrad:
+            new_state = AmsgradState(
+                count=count_inc, mu=pack_mu(out_m), nu=pack_nu(out_v), nu_max=pack_nu(out_vmax)
+            )
+        else:
+            new_state = AdamState(count=count_inc, mu=pack_mu(out_m), nu=pack_nu(out_v))
         return treedef.unflatten(out_u), new_state
 
     return optax.GradientTransformation(init_fn, update_fn)
@@ -267,7 +273,7 @@ def scale_by_adam(
     nesterov: bool = False,
     amsgrad: bool = False,
     nu_dtype: DTypeLike | None = None,
-    layout: Layout = "auto",
+    layout: Layout = "per_leaf",
 ) -> optax.GradientTransformation:
     r"""Rescales updates by Adam's bias-corrected moment ratio (optax convention).
 
@@ -299,16 +305,18 @@ def scale_by_adam(
         uses the real dtype of the param, except float32 for float16 params
         (see :func:`default_nu_dtype`; optax keeps float16 and underflows).
         optax has no such option.
-      layout: ``"auto"`` (default) groups leaves of at most 2**15 elements with
-        equal dtype and placement into flat buffers when there are several such
-        leaves and one device, else keeps moments shaped like the params;
-        ``"per_leaf"`` and ``"grouped"`` force either. Results are bitwise equal;
-        speed, compile time and the state's layout differ (see
-        :mod:`adam_jax._layout`). To differentiate through the update
+      layout: ``"per_leaf"`` (default) keeps moments shaped like the params:
+        the state is optax's, whatever the machine. ``"grouped"`` concatenates
+        leaves of at most 2**15 elements with equal dtype (and not known to be
+        sharded) into flat buffers: 3-4x faster per step on 1000 small leaves
+        on CPU, bitwise equal results, but ``mu``/``nu`` are
+        :class:`GroupedMoments` (use :func:`adam_jax.state_to_tree` to inspect or
+        save them layout-free). To differentiate through the update
         (meta-gradients) on many leaves, ``"per_leaf"`` is faster.
 
     Returns:
-      An ``optax.GradientTransformation`` with state :class:`AdamState`.
+      An ``optax.GradientTransformation`` whose state is optax's own
+      ``optax.ScaleByAdamState`` (``optax.ScaleByAmsgradState`` with AMSGrad).
 
     Example:
       >>> import jax.numpy as jnp, adam_jax
@@ -336,12 +344,6 @@ def scale_by_adam(
     )
 
 
-class ScheduleState(NamedTuple):
-    """Step counter of a scheduled hyperparameter."""
-
-    count: jax.Array
-
-
 NO_PARAMS_MSG = "{name}: this transformation needs the params; call update(updates, state, params)."
 
 
@@ -352,7 +354,13 @@ def check_params_given(params, name: str) -> None:
 
 
 def _scheduled(
-    value: ScalarOrSchedule, leaf_fn, *, needs_params: bool, name: str, negate: bool = False
+    value: ScalarOrSchedule,
+    leaf_fn,
+    *,
+    needs_params: bool,
+    name: str,
+    negate: bool = False,
+    schedule_state=ScheduleState,
 ):
     """Builds a transform applying ``leaf_fn(u, scalar, p)`` with a float or schedule.
 
@@ -362,18 +370,18 @@ def _scheduled(
     check_non_negative(name, value, schedule_ok=True)
 
     def init_fn(params):
-        del params
         if callable(value):
-            return ScheduleState(count=jnp.zeros([], jnp.int32))
+            return schedule_state(count=zeros_count_like(params))
         return optax.EmptyState()
 
     def update_fn(updates, state, params=None):
+        updates, params = arrays_tree(updates), arrays_tree(params)
         if needs_params:
             check_params_given(params, name)
             match_leaves(updates, params, name="updates", reference_name="params")
         if callable(value):
             raw = evaluate_schedule(value, state.count)
-            state = ScheduleState(count=safe_increment(state.count))
+            state = schedule_state(count=safe_increment(state.count))
         else:
             raw = value
         sign = -1 if negate else 1
@@ -417,7 +425,13 @@ def add_decayed_weights(
     bools or a callable returning one) selects the leaves that decay, as in
     ``optax.add_decayed_weights``.
     """
-    tx = _scheduled(weight_decay, _decay_leaf, needs_params=True, name="weight_decay")
+    tx = _scheduled(
+        weight_decay,
+        _decay_leaf,
+        needs_params=True,
+        name="weight_decay",
+        schedule_state=WeightDecaySchedule,
+    )
     return optax.masked(tx, mask) if mask is not None else tx
 
 

@@ -15,11 +15,14 @@ from adam_jax._layout import Layout
 from adam_jax._numerics import (
     Convention,
     SharedScalars,
+    arrays_tree,
     compute_dtype,
     evaluate_schedule,
     safe_increment,
     to_scalar,
 )
+from adam_jax._sharding import zeros_count_like
+from adam_jax._torch_state import from_torch_state_dict, to_torch_state_dict
 from adam_jax._transform import (
     ScalarOrSchedule,
     ScheduleState,
@@ -36,7 +39,13 @@ from adam_jax._validate import (
     match_leaves,
 )
 
-__all__ = ["keras_adam", "torch_adam", "torch_adamw"]
+__all__ = [
+    "from_torch_state_dict",
+    "keras_adam",
+    "to_torch_state_dict",
+    "torch_adam",
+    "torch_adamw",
+]
 
 
 def _shrink_factor(lr, weight_decay, count, dtype) -> jax.Array:
@@ -70,10 +79,10 @@ def _torch_decoupled_decay(lr, weight_decay) -> optax.GradientTransformation:
     check_non_negative("weight_decay", weight_decay, schedule_ok=True)
 
     def init_fn(params):
-        del params
-        return ScheduleState(count=jnp.zeros([], jnp.int32)) if scheduled else optax.EmptyState()
+        return ScheduleState(count=zeros_count_like(params)) if scheduled else optax.EmptyState()
 
     def update_fn(updates, state, params=None):
+        updates, params = arrays_tree(updates), arrays_tree(params)
         check_params_given(params, "weight_decay")
         match_leaves(updates, params, name="updates", reference_name="params")
         count = state.count if scheduled else None
@@ -107,7 +116,7 @@ def torch_adam(
     *,
     maximize: bool = False,
     decoupled_weight_decay: bool = False,
-    layout: Layout = "auto",
+    layout: Layout = "per_leaf",
 ) -> optax.GradientTransformation:
     r"""``torch.optim.Adam``, with its names, defaults and semantics.
 
@@ -164,7 +173,7 @@ def torch_adamw(
     amsgrad: bool = False,
     *,
     maximize: bool = False,
-    layout: Layout = "auto",
+    layout: Layout = "per_leaf",
 ) -> optax.GradientTransformation:
     r"""``torch.optim.AdamW``: decoupled decay :math:`\theta \leftarrow \theta(1-\alpha\lambda)`.
 
@@ -196,7 +205,7 @@ def keras_adam(
     amsgrad: bool = False,
     weight_decay: ScalarOrSchedule | None = None,
     *,
-    layout: Layout = "auto",
+    layout: Layout = "per_leaf",
 ) -> optax.GradientTransformation:
     r"""``keras.optimizers.Adam`` (Keras 3): the "epsilon hat" form.
 

@@ -30,7 +30,6 @@ METHODS = {
     "optax.adam": lambda: optax.adam(1e-3),
     "adam_jax per_leaf": lambda: adam_jax.adam(1e-3, layout="per_leaf"),
     "adam_jax grouped": lambda: adam_jax.adam(1e-3, layout="grouped"),
-    "adam_jax auto": lambda: adam_jax.adam(1e-3, layout="auto"),
 }
 
 

@@ -161,13 +161,14 @@ def run_trajectory(
     return {k: np.asarray(v) for k, v in params.items()}, state
 
 
-def find_adam_state(state) -> adam_jax.AdamState | None:
-    """The first AdamState inside a (possibly chained) optimizer state, moments params-shaped."""
-    for node in jax.tree.leaves(state, is_leaf=lambda x: isinstance(x, adam_jax.AdamState)):
-        if isinstance(node, adam_jax.AdamState):
-            return node._replace(
-                mu=adam_jax.moments_as_tree(node.mu),
-                nu=adam_jax.moments_as_tree(node.nu),
-                nu_max=adam_jax.moments_as_tree(node.nu_max),
-            )
+def is_moment_state(x) -> bool:
+    return isinstance(x, (adam_jax.AdamState, adam_jax.AmsgradState))
+
+
+def find_adam_state(state):
+    """The first Adam/AMSGrad state inside a (possibly chained) optimizer state, moments
+    params-shaped (whatever the layout)."""
+    for node in jax.tree.leaves(adam_jax.state_to_tree(state), is_leaf=is_moment_state):
+        if is_moment_state(node):
+            return node
     return None

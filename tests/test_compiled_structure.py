@@ -54,7 +54,7 @@ def test_grouped_step_runs_far_fewer_kernels_than_per_leaf():
         name: entry_kernels(_compiled_step_hlo(tx, params))
         for name, tx in [
             ("grouped", adam_jax.adam(1e-3, layout="grouped")),
-            ("auto", adam_jax.adam(1e-3)),
+            ("default", adam_jax.adam(1e-3)),
             ("per_leaf", adam_jax.adam(1e-3, layout="per_leaf")),
             ("optax", optax.adam(1e-3)),
         ]
@@ -70,7 +70,7 @@ def test_grouped_step_runs_far_fewer_kernels_than_per_leaf():
     assert grouped["while"] == 1, kernels
     assert grouped["copy"] <= n_leaves + 1, kernels
     assert sum(grouped.values()) - grouped["copy"] <= n_leaves + 10, kernels
-    assert kernels["auto"] == kernels["grouped"], kernels
+    assert kernels["default"] == kernels["per_leaf"], kernels
 
 
 def _fused_computations_with(hlo: str, opcode: str) -> int:

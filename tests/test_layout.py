@@ -80,11 +80,12 @@ def test_grouped_is_bitwise_equal_to_per_leaf(name):
     m1, m2 = find_adam_state(s1), find_adam_state(s2)
     for a, b in zip(jax.tree.leaves(m1), jax.tree.leaves(m2), strict=True):
         np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
-    states = jax.tree.leaves(s2, is_leaf=lambda x: isinstance(x, adam_jax.AdamState))
-    assert any(
-        isinstance(x, adam_jax.AdamState) and isinstance(x.mu, adam_jax.GroupedMoments)
-        for x in states
-    )
+
+    def is_moment_state(x):
+        return isinstance(x, (adam_jax.AdamState, adam_jax.AmsgradState))
+
+    states = jax.tree.leaves(s2, is_leaf=is_moment_state)
+    assert any(is_moment_state(x) and isinstance(x.mu, adam_jax.GroupedMoments) for x in states)
 
 
 @pytest.mark.parametrize("count", [0, 7, 2**31 - 1, -5, -(2**31)])
@@ -110,16 +111,19 @@ def test_opaque_int32_returns_its_values_for_any_count():
         assert [int(v) for v in got] == values, count
 
 
-def test_auto_layout_keeps_param_shaped_state_when_nothing_to_group():
+def test_default_layout_is_per_leaf_and_grouping_is_explicit():
+    """Issue 14: the default state is optax's (params-shaped) on any machine."""
     params = {"a": jnp.ones((300, 300)), "b": jnp.ones((400, 100))}
-    state = adam_jax.scale_by_adam(layout="auto").init(params)
-    assert state.mu["a"].shape == (300, 300)
     small = {"a": jnp.ones(3), "b": jnp.ones(4)}
-    assert isinstance(adam_jax.scale_by_adam(layout="auto").init(small).mu, adam_jax.GroupedMoments)
-    assert isinstance(adam_jax.adam(1e-3).init(small)[0].mu, adam_jax.GroupedMoments)  # default
+    assert adam_jax.adam(1e-3).init(small)[0].mu["a"].shape == (3,)  # default
     assert adam_jax.scale_by_adam(layout="per_leaf").init(small).mu["a"].shape == (3,)
+    assert isinstance(
+        adam_jax.scale_by_adam(layout="grouped").init(small).mu, adam_jax.GroupedMoments
+    )
     state = adam_jax.scale_by_adam(layout="grouped").init(params)
     assert isinstance(state.mu, adam_jax.GroupedMoments)
+    with pytest.raises(ValueError, match="removed"):
+        adam_jax.adam(1e-3, layout="auto")
 
 
 def test_grouped_state_dtypes_and_bad_grads():

@@ -114,7 +114,8 @@ def test_state_follows_params(config, axis_type, mode):
         params = place_params(mesh, config)
         state = (tx.init if mode == "eager" else jax.jit(tx.init))(params)
     adam_state = state[0]
-    assert isinstance(adam_state.mu, dict), "layout='auto' keeps per-leaf moments on a mesh"
+    assert isinstance(adam_state.mu, dict), "the default layout keeps per-leaf moments"
+    assert adam_state.count.sharding.device_set == params["dense1"]["kernel"].sharding.device_set
     for name in ("mu", "nu", "nu_max"):
         assert_same_sharding(getattr(adam_state, name), params, name)
 
@@ -213,7 +214,7 @@ def test_grouped_layout_is_the_same_eagerly_and_under_jit_on_auto_meshes():
     assert len(structures) == 1
 
 
-@pytest.mark.parametrize("layout", ["grouped", "auto"])
+@pytest.mark.parametrize("layout", ["grouped", "per_leaf"])
 def test_grouped_layout_with_leaves_on_different_devices_is_a_clear_error(layout):
     """Issue 13, item 9: it used to fail inside optimization_barrier."""
     params = {
@@ -223,8 +224,8 @@ def test_grouped_layout_with_leaves_on_different_devices_is_a_clear_error(layout
     if layout == "grouped":
         with pytest.raises(ValueError, match=r"\['a'\] and \['b'\] live on different devices"):
             adam_jax.scale_by_adam(layout=layout).init(params)
-    # per_leaf (and auto on several devices) keep each moment with its param.
-    tx = adam_jax.scale_by_adam(layout="per_leaf" if layout == "grouped" else layout)
+    # per_leaf keeps each moment with its param.
+    tx = adam_jax.scale_by_adam(layout="per_leaf")
     state = tx.init(params)
     updates, state = tx.update(jax.tree.map(jnp.ones_like, params), state)
     assert updates["b"].sharding.device_set == {jax.devices()[1]}
