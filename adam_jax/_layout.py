@@ -13,7 +13,6 @@ aux data of :class:`GroupedMoments`, so it survives ``jit`` and checkpointing:
 orbax saves and restores the buffers against a target built by ``init``.
 """
 
-from __future__ import annotations
 
 import dataclasses
 import itertools

@@ -1,6 +1,5 @@
 """The pure pytree transforms: ``scale_by_adam`` and its strict-dtype helpers."""
 
-from __future__ import annotations
 
 from typing import Any
 

@@ -312,3 +312,23 @@ def test_converges_on_rosenbrock():
     (params, _), _ = jax.lax.scan(step, (params, state), None, length=6000)
     np.testing.assert_allclose(np.asarray(params["xy"]), [1.0, 1.0], atol=1e-2)
     assert float(rosenbrock(params)) < 1e-4
+
+
+def _public_functions():
+    from adam_jax import compat
+
+    names = [n for n in adam_jax.__all__ if callable(getattr(adam_jax, n))]
+    funcs = [getattr(adam_jax, n) for n in names if inspect.isfunction(getattr(adam_jax, n))]
+    return funcs + [getattr(compat, n) for n in compat.__all__]
+
+
+@pytest.mark.parametrize("func", _public_functions(), ids=lambda f: f.__name__)
+def test_public_signatures_carry_real_annotation_objects(func):
+    """optax's tests read learning_rate's annotation to decide whether an optimizer
+    takes a schedule; `from __future__ import annotations` would make it a string."""
+    for name, param in inspect.signature(func).parameters.items():
+        assert not isinstance(param.annotation, str), (func.__name__, name, param.annotation)
+    if "learning_rate" in inspect.signature(func).parameters:
+        assert inspect.signature(func).parameters["learning_rate"].annotation == (
+            optax.ScalarOrSchedule
+        )
