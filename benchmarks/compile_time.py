@@ -5,7 +5,7 @@ measures, in one run:
 
 * **Adam steps vs leaf count.** ``trace``, ``lower`` and XLA ``compile`` of one
   jitted, donated step (update + apply) on ``n`` float32 leaves of 1000, for
-  ``adam_jax.adam`` (default ``layout="auto"``, grouped here), ``layout="per_leaf"``,
+  ``adam_jax.adam(layout="grouped")``, ``layout="per_leaf"`` (the default),
   ``optax.adam``, and packed params (one buffer of ``n * 1000``, the
   ``ParamPacker`` step).
 * **The kernel model behind it**, on 1000 outputs of 1000 floats:
@@ -122,7 +122,7 @@ def adam_rows(leaf_counts: Sequence[int]) -> list[dict[str, Any]]:
         tree = _tree(n)
         packed = {"flat": jnp.zeros((n * LEAF,), jnp.float32)}
         cases = {
-            "adam_jax (auto)": (adam_jax.adam(1e-3), tree),
+            "adam_jax[grouped]": (adam_jax.adam(1e-3, layout="grouped"), tree),
             "adam_jax[per_leaf]": (adam_jax.adam(1e-3, layout="per_leaf"), tree),
             "optax": (optax.adam(1e-3), tree),
             "packed (1 buffer)": (adam_jax.adam(1e-3), packed),
@@ -158,7 +158,7 @@ def train_rows(n: int) -> list[dict[str, Any]]:
     tree = {k: v + 0.01 for k, v in _tree(n).items()}
     packer = adam_jax.ParamPacker(tree)
     cases = {
-        "tree, adam_jax (auto)": (adam_jax.adam(1e-3), _toy_loss, tree),
+        "tree, adam_jax[grouped]": (adam_jax.adam(1e-3, layout="grouped"), _toy_loss, tree),
         "tree, optax": (optax.adam(1e-3), _toy_loss, tree),
         "packed, adam_jax": (
             adam_jax.adam(1e-3),
@@ -255,7 +255,7 @@ def _pass_log_child(n: int) -> None:
 
 def _split_cases() -> dict[str, optax.GradientTransformation]:
     return {
-        "adam_jax (auto)": adam_jax.adam(1e-3),
+        "adam_jax[grouped]": adam_jax.adam(1e-3, layout="grouped"),
         "adam_jax[per_leaf]": adam_jax.adam(1e-3, layout="per_leaf"),
         "optax": optax.adam(1e-3),
     }

@@ -93,7 +93,7 @@ def test_compile_time_script_writes_rows_for_every_case(tmp_path):
 
     compile_time.main(["--leaves", "3,6", "--out", str(tmp_path)])
     results = json.loads((tmp_path / "compile_time.json").read_text())
-    methods = {"adam_jax (auto)", "adam_jax[per_leaf]", "optax", "packed (1 buffer)"}
+    methods = {"adam_jax[grouped]", "adam_jax[per_leaf]", "optax", "packed (1 buffer)"}
     assert {(r["leaves"], r["method"]) for r in results["adam"]} == {
         (n, m) for n in (3, 6) for m in methods
     }
@@ -107,7 +107,7 @@ def test_compile_time_script_writes_rows_for_every_case(tmp_path):
     assert all(cases[c]["run_ms"] > 0 for c in slice_cases)
     assert "| 6 | packed (1 buffer) |" in (tmp_path / "compile_time.md").read_text()
     train = {r["method"]: r for r in results["train"]}
-    assert set(train) == {"tree, adam_jax (auto)", "tree, optax", "packed, adam_jax"}
+    assert set(train) == {"tree, adam_jax[grouped]", "tree, optax", "packed, adam_jax"}
     assert all(r["leaves"] == 6 and r["compile"] > 0 and r["run_ms"] > 0 for r in train.values())
     # The split of XLA's compile time, read from its pass log in a child process.
     split = {r["method"]: r for r in results["pass_split"]}
