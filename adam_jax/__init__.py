@@ -15,6 +15,7 @@ from adam_jax._portable import (
     state_to_tree,
     to_optax_state,
 )
+from adam_jax._precision import kahan_summation, stochastic_rounding
 from adam_jax._sharding import ShardedState, shard_state, state_shardings
 from adam_jax._state import AdamState, AmsgradState
 from adam_jax._transform import (
@@ -37,6 +38,7 @@ __all__ = [
     "amsgrad",
     "compat",
     "from_optax_state",
+    "kahan_summation",
     "moments_as_tree",
     "nadam",
     "nadamw",
@@ -47,5 +49,6 @@ __all__ = [
     "state_from_tree",
     "state_shardings",
     "state_to_tree",
+    "stochastic_rounding",
     "to_optax_state",
 ]
