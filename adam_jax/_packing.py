@@ -31,7 +31,6 @@ one flag per buffer with :meth:`ParamPacker.pack_mask`::
   tx = adam_jax.adamw(1e-3, mask=packer.pack_mask(jax.tree.map(lambda p: p.ndim > 1, params)))
 """
 
-
 from collections.abc import Callable
 from typing import Any
 

@@ -15,7 +15,6 @@ A checkpoint written as ``state_to_tree(state)`` restores on any device count,
 with or without ``shard_state``, and into any layout.
 """
 
-
 from collections.abc import Callable
 from typing import Any
 

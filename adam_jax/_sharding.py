@@ -10,7 +10,6 @@
 * :func:`shard_state`: ZeRO-1, moments partitioned over a data-parallel axis.
 """
 
-
 import math
 from typing import Any, NamedTuple
 

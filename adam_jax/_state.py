@@ -15,7 +15,6 @@ and back, and ``optax.tree_utils`` finds ``"mu"``, ``"nu"`` and ``"count"``.
 * ``nu_max``: the AMSGrad running maximum, like ``nu``.
 """
 
-
 from typing import Any, NamedTuple
 
 import jax

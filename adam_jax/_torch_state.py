@@ -14,7 +14,6 @@ a Flax ``Dense``/``nnx.Linear`` kernel ``(in, out)``. Pass ``transform=`` (a
 transpose or reshape; shapes that still differ raise a ``ValueError``.
 """
 
-
 from collections.abc import Callable, Mapping
 from typing import Any
 
