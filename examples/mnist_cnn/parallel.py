@@ -46,18 +46,23 @@ def replicate(tree: Any, mesh) -> Any:
     return tree if mesh is None else jax.device_put(tree, NamedSharding(mesh, PartitionSpec()))
 
 
-def place_like(tree: Any, shardings: Any) -> Any:
-    """Restored arrays back where a fresh state keeps them: mesh leaves on their sharding.
+def place_like(tree: Any, like: Any) -> Any:
+    """``tree``'s arrays placed as ``like``'s (a fresh state of this run) are.
 
-    Leaves a fresh state holds on one device (counters) stay uncommitted, so that jit can
-    use them next to the mesh arrays.
+    Leaves ``like`` holds on the mesh go to their sharding; leaves it holds uncommitted on
+    one device (counters, and everything on one device) become uncommitted again, so that
+    jit can use them next to the mesh arrays.
     """
     import jax
-    from jax.sharding import NamedSharding
+    import jax.numpy as jnp
+    import numpy as np
 
-    return jax.tree.map(
-        lambda x, s: jax.device_put(x, s) if isinstance(s, NamedSharding) else x, tree, shardings
-    )
+    def place(x, ref):
+        if ref.committed:
+            return jax.device_put(x, ref.sharding)
+        return jnp.asarray(np.asarray(x))
+
+    return jax.tree.map(place, tree, like)
 
 
 def split_batch(x, mesh):

@@ -11,10 +11,17 @@ Two ways to train, chosen by ``Config.packed``: the model and an
 ``nnx.Optimizer`` (:func:`train_step`), or the params packed into a few flat
 buffers by ``adam_jax.ParamPacker`` with the optimizer on the buffers
 (:func:`packed_train_step`, a few lines different).
+
+Checkpoints hold the optimizer state layout-free (``adam_jax.state_to_tree``: every
+moment shaped like its param), so ``--resume`` also continues on another device count,
+with or without ZeRO-1, and with the other ``--optimizer`` (to float32 rounding of the
+uninterrupted run; the state is restored into this run's shardings and converted by
+``adam_jax.state_from_tree`` / ``from_optax_state`` / ``to_optax_state``).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import time
@@ -34,13 +41,14 @@ from tqdm import tqdm
 import adam_jax
 
 from . import parallel
-from .config import Config
+from .config import RESUMABLE_CHANGES, Config
 from .data import Dataset, load_dataset
 from .model import CNN, random_shift
 
 LOG_EVERY = 10  # steps between updates of the progress bar's running loss
 CHECKPOINTS = "checkpoints"  # directory in --out
-SETTINGS_FILE = "settings.json"  # in CHECKPOINTS: the state layout the checkpoints have
+SETTINGS_FILE = "settings.json"  # in CHECKPOINTS: the layout of the run that started them
+LAYOUT_FREE = "layout-free"  # settings.json "state": the optimizer state is saved params-shaped
 OUTPUTS = (CHECKPOINTS, "metrics.json", "curves.png")  # what a run writes in --out
 
 
@@ -345,22 +353,47 @@ def checkpoint_manager(directory: Path, keep: int) -> ocp.CheckpointManager:
     return ocp.CheckpointManager(directory.resolve(), options=options)
 
 
-def checkpoint_payload(
-    state: nnx.State | PackedState, train_key: jax.Array, epoch: int
-) -> dict[str, Any]:
-    """Model params, optimizer state, RNG state and epoch number as a tree of NumPy arrays.
+def state_parts(state: nnx.State | PackedState, graphdef: nnx.GraphDef | None) -> dict[str, Any]:
+    """The train state as optax sees it: params, the optimizer's state tree, nnx's step count.
 
-    With packed params, ``params`` is the tuple of buffers and ``opt_state`` the
-    optimizer state over them.
+    ``graphdef`` is that of ``nnx.split((model, optimizer))``, ``None`` with packed params
+    (whose ``PackedState`` holds the buffers and the optimizer state over them as they are).
     """
-    if isinstance(state, PackedState):
-        params, opt_state = state
-    else:
-        pure = nnx.to_pure_dict(state)
-        params, opt_state = pure[0], pure[1]
+    if graphdef is None:
+        return {"params": state.params, "opt_state": state.opt_state}
+    model, optimizer = nnx.merge(graphdef, state)
+    return {
+        "params": nnx.as_pure(nnx.state(model, nnx.Param)),
+        "opt_state": nnx.as_pure(optimizer.opt_state),
+        "step": optimizer.step.get_value(),
+    }
+
+
+def state_from_parts(
+    parts: dict[str, Any], graphdef: nnx.GraphDef | None, like: nnx.State | PackedState
+) -> nnx.State | PackedState:
+    """The inverse of :func:`state_parts`; ``like`` is a state of the same run (any values)."""
+    if graphdef is None:
+        return PackedState(parts["params"], parts["opt_state"])
+    model, optimizer = nnx.merge(graphdef, like, copy=True)  # leaves like as it is
+    nnx.update(model, parts["params"])
+    nnx.update(optimizer.opt_state, nnx.state(parts["opt_state"]))
+    optimizer.step.set_value(parts["step"])
+    return nnx.state((model, optimizer))
+
+
+def checkpoint_payload(parts: dict[str, Any], train_key: jax.Array, epoch: int) -> dict[str, Any]:
+    """:func:`state_parts` with the optimizer state layout-free, the RNG state and the epoch.
+
+    ``adam_jax.state_to_tree`` gives every moment its param's shape (no ``shard_state``
+    partitioning wrapper, no grouped buffers; optax's state is already so), so the
+    checkpoint restores on any device count, with or without ZeRO-1, and into either
+    optimizer. The arrays are gathered to the host as NumPy arrays (cheaper to write than
+    sharded ones, which orbax slices with a compiled op per shape).
+    """
     tree = {
-        "params": params,
-        "opt_state": opt_state,
+        **parts,
+        "opt_state": adam_jax.state_to_tree(parts["opt_state"]),
         "rng": jax.random.key_data(train_key),
         "epoch": np.int32(epoch),
     }
@@ -370,44 +403,115 @@ def checkpoint_payload(
 def save_checkpoint(
     manager: ocp.CheckpointManager,
     epoch: int,
-    state: nnx.State | PackedState,
+    parts: dict[str, Any],
     train_key: jax.Array,
     meta: dict[str, Any],
 ) -> None:
     """Saves the state after ``epoch`` (async; orbax finishes the write in the background)."""
     args = ocp.args.Composite(
-        state=ocp.args.StandardSave(checkpoint_payload(state, train_key, epoch)),
+        state=ocp.args.StandardSave(checkpoint_payload(parts, train_key, epoch)),
         meta=ocp.args.JsonSave(meta),
     )
     manager.save(epoch, args=args)
 
 
+def abstract(tree: Any) -> Any:
+    """Shapes, dtypes and shardings of ``tree``'s arrays: where orbax restores them."""
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
+
+
+def restore_arrays(manager: ocp.CheckpointManager, epoch: int, target: Any) -> Any:
+    """The arrays of checkpoint ``epoch``, restored into ``target``'s tree and placement."""
+    args = ocp.args.Composite(state=ocp.args.StandardRestore(target))
+    return manager.restore(epoch, args=args).state
+
+
+def continue_state(tree: Any, saved_optimizer: str, optimizer: str, like: Any) -> Any:
+    """The layout-free optimizer state ``tree`` of ``saved_optimizer`` in the form of ``like``.
+
+    ``like`` is this run's optimizer state (``optimizer``'s, in its layout and placement).
+    Across optimizers the Adam moments and step counts move over: ``adam_jax.adamw`` and
+    ``optax.adamw`` then continue to float32 rounding of each other.
+    """
+    if saved_optimizer == optimizer:
+        return adam_jax.state_from_tree(tree, like=like)
+    if saved_optimizer == "optax":
+        return adam_jax.from_optax_state(tree, like=like)
+    return adam_jax.to_optax_state(tree, like=like)
+
+
 def restore_checkpoint(
-    manager: ocp.CheckpointManager,
-    state: nnx.State | PackedState,
-    train_key: jax.Array,
-    cfg: Config,
-) -> tuple[nnx.State | PackedState, jax.Array, int, list[dict[str, Any]]]:
-    """Restores the latest checkpoint into ``state``: (state, train_key, epoch, history).
+    manager: ocp.CheckpointManager, run: Run, state: nnx.State | PackedState
+) -> tuple[nnx.State | PackedState, jax.Array, int, list[dict[str, Any]], dict | None]:
+    """Restores the latest checkpoint for ``run``: (state, train_key, epoch, history, settings).
+
+    ``settings`` are the :data:`config.LAYOUT_FIELDS` of the run that wrote the checkpoint
+    (``None`` for a checkpoint of an earlier version of this example, same layout).
+
+    ``state`` is the run's fresh state: the checkpoint's arrays are read straight into its
+    shardings (params replicated on this run's mesh, the optimizer state partitioned as
+    this run's ``--zero1`` says), whatever devices and ZeRO-1 setting wrote them, and a
+    state written by the other ``--optimizer`` is converted.
 
     Raises:
-      ResumeError: no checkpoint, or it was written with a different configuration.
+      ResumeError: no checkpoint, or it was written with different settings.
     """
+    cfg = run.cfg
     epoch = manager.latest_step()
     if epoch is None:
         raise ResumeError(f"--resume: no checkpoint found in {manager.directory}")
-    # The settings first: a checkpoint of another model or layout (e.g. packed) has another tree.
+    # The settings first: a checkpoint of another model or --packed has another tree.
     meta = manager.restore(epoch, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
     check_resumable(meta["config"], cfg.trajectory(), manager.directory)
-    template = checkpoint_payload(state, train_key, 0)
-    args = ocp.args.Composite(state=ocp.args.StandardRestore(template))
-    tree = manager.restore(epoch, args=args).state
-    if isinstance(state, PackedState):
-        state = PackedState(*jax.tree.map(jnp.asarray, (tree["params"], tree["opt_state"])))
+    like = state_parts(state, run.graphdef)
+    key_data = np.asarray(jax.random.key_data(run.train_key))
+    saved = meta.get("settings")  # the layout of the run that wrote it
+    if saved is None:  # written before checkpoints were layout-free: the same layout only
+        restored, tree = restore_layout_bound(manager, epoch, state, key_data)
     else:
-        nnx.replace_by_pure_dict(state, {0: tree["params"], 1: tree["opt_state"]})
+        saved_tx = run.make_optimizer(saved["optimizer"])
+        target = {
+            **abstract(like),
+            "opt_state": adam_jax.restore_target(saved_tx, like["params"], layout_free=True),
+            "rng": key_data,
+            "epoch": np.asarray(0, np.int32),
+        }
+        tree = restore_arrays(manager, epoch, target)
+        opt_state = continue_state(
+            tree["opt_state"], saved["optimizer"], cfg.optimizer, like["opt_state"]
+        )
+        parts = {k: tree[k] for k in like} | {"opt_state": opt_state}
+        restored = state_from_parts(parts, run.graphdef, state)
+    state = parallel.place_like(restored, state)
     train_key = jax.random.wrap_key_data(jnp.asarray(tree["rng"]))
-    return state, train_key, int(tree["epoch"]), meta["history"]
+    return state, train_key, int(tree["epoch"]), meta["history"], saved
+
+
+def restore_layout_bound(
+    manager: ocp.CheckpointManager, epoch: int, state: nnx.State | PackedState, key_data: Any
+) -> tuple[nnx.State | PackedState, dict[str, Any]]:
+    """A checkpoint of an earlier version of this example: the state's own tree as NumPy.
+
+    It restores only into a run of the same layout (:func:`check_layout` saw to that).
+    """
+    if isinstance(state, PackedState):
+        params, opt_state = state
+    else:
+        pure = nnx.to_pure_dict(state)
+        params, opt_state = pure[0], pure[1]
+    template = {
+        "params": params,
+        "opt_state": opt_state,
+        "rng": key_data,
+        "epoch": np.asarray(0, np.int32),
+    }
+    template = jax.tree.map(np.array, template)
+    tree = restore_arrays(manager, epoch, template)
+    if isinstance(state, PackedState):
+        return PackedState(tree["params"], tree["opt_state"]), tree
+    restored = jax.tree.map(lambda x: x, state)  # a copy: state stays the fresh one
+    nnx.replace_by_pure_dict(restored, {0: tree["params"], 1: tree["opt_state"]})
+    return restored, tree
 
 
 def setting_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
@@ -420,7 +524,11 @@ def setting_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[
 
 
 def check_resumable(saved: dict[str, Any], current: dict[str, Any], where: Path) -> None:
-    """Raises ResumeError naming every setting that differs from the checkpoint's."""
+    """Raises ResumeError naming every trajectory setting that differs from the checkpoint's.
+
+    :data:`config.RESUMABLE_CHANGES` may differ: the state is converted for this run.
+    """
+    current = {k: v for k, v in current.items() if k not in RESUMABLE_CHANGES}
     diffs = setting_differences(saved, current)
     if diffs:
         raise ResumeError(
@@ -532,7 +640,12 @@ def limit_data(data: Dataset, cfg: Config) -> Dataset:
 
 
 class Run(NamedTuple):
-    """What every epoch of one run shares: settings, data, compiled steps, the train key."""
+    """What every epoch of one run shares: settings, data, compiled steps, the train key.
+
+    ``graphdef`` is that of ``nnx.split((model, optimizer))`` (``None`` with packed
+    params); ``make_optimizer(name)`` is this run's optimizer with ``--optimizer name``
+    (to read a checkpoint the other one wrote).
+    """
 
     cfg: Config
     data: Dataset
@@ -540,6 +653,8 @@ class Run(NamedTuple):
     eval_fn: Callable[..., tuple[jax.Array, jax.Array]]
     train_arrays: tuple[jax.Array, jax.Array]
     train_key: jax.Array
+    graphdef: nnx.GraphDef | None
+    make_optimizer: Callable[[str], optax.GradientTransformation]
 
 
 def run_epoch(run: Run, state: nnx.State, epoch: int) -> tuple[nnx.State, dict[str, Any]]:
@@ -612,7 +727,13 @@ def earlier_outputs(out: Path) -> list[str]:
 
 
 def check_layout(ckpt_dir: Path, cfg: Config) -> None:
-    """Raises ResumeError unless ``ckpt_dir``'s recorded state layout is ``cfg.layout()``."""
+    """Raises ResumeError unless ``ckpt_dir``'s checkpoints can be restored into ``cfg``'s run.
+
+    ``settings.json`` records the layout (:data:`config.LAYOUT_FIELDS`) of the run that
+    started ``ckpt_dir``. With ``"state": "layout-free"`` the checkpoints restore into any
+    ``devices``, ``zero1`` and ``optimizer`` (:data:`config.RESUMABLE_CHANGES`); without it
+    (an earlier version of this example) only into the same layout.
+    """
     steps = [p for p in ckpt_dir.iterdir() if p.name.isdigit()] if ckpt_dir.is_dir() else []
     if not steps:
         raise ResumeError(f"--resume: no checkpoint found in {ckpt_dir}")
@@ -627,13 +748,24 @@ def check_layout(ckpt_dir: Path, cfg: Config) -> None:
         saved = json.loads(record.read_text())
     except (OSError, ValueError) as err:
         raise ResumeError(f"--resume: cannot read {record} ({err})") from err
-    diffs = setting_differences(saved, cfg.layout())
+    layout = cfg.layout()
+    if saved.get("state") == LAYOUT_FREE:
+        fixed = {k: v for k, v in layout.items() if k not in RESUMABLE_CHANGES}
+        diffs = setting_differences(saved, fixed)
+        if diffs:
+            raise ResumeError(
+                f"--resume: the checkpoints in {ckpt_dir} hold params of another tree "
+                f"({'; '.join(diffs)}), which cannot be restored into this run; resume with "
+                "the checkpoint's --packed, or start over with --overwrite"
+            )
+        return
+    diffs = setting_differences(saved, layout)
     if diffs:
         raise ResumeError(
             f"--resume: the checkpoints in {ckpt_dir} hold a state of another layout "
-            f"({'; '.join(diffs)}), which cannot be restored into this run; resume with the "
-            "checkpoint's --devices, --zero1, --optimizer and --packed, or start over with "
-            "--overwrite"
+            f"({'; '.join(diffs)}), written by an earlier version of this example, which "
+            "cannot be restored into this run; resume with the checkpoint's --devices, "
+            "--zero1, --optimizer and --packed, or start over with --overwrite"
         )
 
 
@@ -651,7 +783,8 @@ def open_checkpoints(cfg: Config) -> ocp.CheckpointManager:
             if ckpt_dir.exists():
                 shutil.rmtree(ckpt_dir)
             ckpt_dir.mkdir()
-            (ckpt_dir / SETTINGS_FILE).write_text(json.dumps(cfg.layout(), indent=1))
+            settings = {**cfg.layout(), "state": LAYOUT_FREE}
+            (ckpt_dir / SETTINGS_FILE).write_text(json.dumps(settings, indent=1))
     except OSError as err:
         raise SetupError(f"--out {out}: {err}") from err
     return checkpoint_manager(ckpt_dir, cfg.keep_checkpoints)
@@ -709,23 +842,28 @@ def train_epochs(
 
     Returns the final state and the history of all epochs (those before a resume included).
     """
-    cfg, train_key = run.cfg, run.train_key
+    cfg = run.cfg
     history: list[dict[str, Any]] = []
     done = 0
     if cfg.resume:
-        shardings = jax.tree.map(lambda x: x.sharding, state)
-        state, train_key, done, history = restore_checkpoint(manager, state, train_key, cfg)
-        state = parallel.place_like(state, shardings)
+        state, train_key, done, history, saved = restore_checkpoint(manager, run, state)
         run = run._replace(train_key=train_key)
-        log(f"resumed from {manager.directory} after epoch {done}/{cfg.epochs}")
+        changed = setting_differences(saved, cfg.layout()) if saved else []
+        other = f", restored into other settings ({'; '.join(changed)})" if changed else ""
+        log(f"resumed from {manager.directory} after epoch {done}/{cfg.epochs}{other}")
     last_epoch = cfg.epochs if cfg.stop_after is None else min(cfg.epochs, cfg.stop_after)
     for epoch in range(done + 1, last_epoch + 1):
         state, record = run_epoch(run, state, epoch)
         check_finite(np.asarray(record["step_losses"]), epoch, cfg)
         history.append(record)
         log(format_epoch(record, cfg.epochs))
-        meta = {"epoch": epoch, "config": cfg.trajectory(), "history": history}
-        save_checkpoint(manager, epoch, state, run.train_key, meta)
+        meta = {
+            "epoch": epoch,
+            "config": cfg.trajectory(),
+            "settings": cfg.layout(),
+            "history": history,
+        }
+        save_checkpoint(manager, epoch, state_parts(state, run.graphdef), run.train_key, meta)
         write_metrics(Path(cfg.out) / "metrics.json", cfg, run.data, history, {})
     return state, history
 
@@ -756,7 +894,7 @@ def train_and_evaluate(cfg: Config, data: Dataset | None = None) -> TrainResult:
         mesh = parallel.data_mesh(cfg.devices)
     except ValueError as err:
         raise SetupError(str(err)) from err
-    packing = None
+    packing = graphdef = None
     if cfg.packed:
         model, packing, state = create_packed(cfg, steps_per_epoch, init_key, mesh)
         step_fn = partial(packed_train_step, packing, cfg.max_shift, mesh=mesh)
@@ -766,6 +904,11 @@ def train_and_evaluate(cfg: Config, data: Dataset | None = None) -> TrainResult:
         graphdef, state = nnx.split((model, optimizer))
         step_fn = partial(train_step, graphdef, cfg.max_shift, mesh=mesh)
         eval_fn = partial(eval_step, graphdef)
+    mask = decay_mask if packing is None else packing.mask
+
+    def optimizer_named(name: str) -> optax.GradientTransformation:
+        return make_optimizer(dataclasses.replace(cfg, optimizer=name), steps_per_epoch, mask, mesh)
+
     for line in describe_run(cfg, data, model, steps_per_epoch, packing):
         log(line)
     run = Run(
@@ -775,6 +918,8 @@ def train_and_evaluate(cfg: Config, data: Dataset | None = None) -> TrainResult:
         jax.jit(eval_fn),
         parallel.replicate((jnp.asarray(data.train_images), jnp.asarray(data.train_labels)), mesh),
         train_key,
+        graphdef,
+        optimizer_named,
     )
     manager = open_checkpoints(cfg)
     try:
