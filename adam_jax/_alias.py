@@ -4,7 +4,6 @@ Positional order follows optax, so ``import adam_jax as optim`` can replace
 ``optax.adam(...)``-style calls.
 """
 
-
 from collections.abc import Callable
 from typing import Any
 

@@ -1,6 +1,5 @@
 """The pure pytree transforms: ``scale_by_adam`` and its strict-dtype helpers."""
 
-
 from typing import Any
 
 import jax

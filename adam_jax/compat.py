@@ -4,7 +4,6 @@ Thin constructors over the same transform as :func:`adam_jax.adam`; only the
 scalar coefficients, the AMSGrad maximum and the weight-decay placement differ.
 """
 
-
 import jax
 import jax.numpy as jnp
 import numpy as np
