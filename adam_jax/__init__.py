@@ -18,6 +18,7 @@ from adam_jax._portable import (
 from adam_jax._precision import kahan_summation, stochastic_rounding
 from adam_jax._sharding import ShardedState, shard_state, state_shardings
 from adam_jax._state import AdamState, AmsgradState
+from adam_jax._storage import QuantizedArray, QuantizedMoments
 from adam_jax._transform import (
     add_decayed_weights,
     scale_by_adam,
@@ -31,6 +32,8 @@ __all__ = [
     "AmsgradState",
     "GroupedMoments",
     "ParamPacker",
+    "QuantizedArray",
+    "QuantizedMoments",
     "ShardedState",
     "adam",
     "adamw",

@@ -11,6 +11,7 @@ import optax
 from jax.typing import ArrayLike, DTypeLike
 
 from adam_jax._layout import Layout
+from adam_jax._storage import MomentsArg
 from adam_jax._transform import (
     ScalarOrSchedule,
     add_decayed_weights,
@@ -48,6 +49,7 @@ def adam(
     amsgrad: bool = False,
     nu_dtype: DTypeLike | None = None,
     layout: Layout = "per_leaf",
+    moments: MomentsArg = None,
 ) -> optax.GradientTransformation:
     r"""Adam (Kingma & Ba, 2014), with optax's semantics.
 
@@ -65,8 +67,9 @@ def adam(
 
     Args:
       learning_rate: a float or an optax schedule :math:`\alpha_t`.
-      b1, b2, eps, eps_root, mu_dtype, nesterov, amsgrad, nu_dtype, layout: see
-        :func:`adam_jax.scale_by_adam`.
+      b1, b2, eps, eps_root, mu_dtype, nesterov, amsgrad, nu_dtype, layout, moments: see
+        :func:`adam_jax.scale_by_adam` (``moments="8bit"`` or ``"4bit"`` quantizes the
+        state to about 2 or 1 bytes per param).
 
     Returns:
       An ``optax.GradientTransformation``.
@@ -97,6 +100,7 @@ def adam(
         amsgrad=amsgrad,
         nu_dtype=nu_dtype,
         layout=layout,
+        moments=moments,
     )
 
 
@@ -114,6 +118,7 @@ def adamw(
     amsgrad: bool = False,
     nu_dtype: DTypeLike | None = None,
     layout: Layout = "per_leaf",
+    moments: MomentsArg = None,
 ) -> optax.GradientTransformation:
     r"""AdamW: Adam with decoupled weight decay (Loshchilov & Hutter, 2019).
 
@@ -130,7 +135,7 @@ def adamw(
       weight_decay: :math:`\lambda`, a float or an optax schedule.
       mask: a pytree of bools (or a callable params -> such a tree) selecting
         which leaves decay; typically biases and norms are excluded.
-      nesterov, amsgrad, nu_dtype, layout: see :func:`adam_jax.scale_by_adam`.
+      nesterov, amsgrad, nu_dtype, layout, moments: see :func:`adam_jax.scale_by_adam`.
 
     Example:
       >>> import adam_jax
@@ -153,6 +158,7 @@ def adamw(
         amsgrad=amsgrad,
         nu_dtype=nu_dtype,
         layout=layout,
+        moments=moments,
     )
 
 
@@ -168,6 +174,7 @@ def nadam(
     amsgrad: bool = False,
     nu_dtype: DTypeLike | None = None,
     layout: Layout = "per_leaf",
+    moments: MomentsArg = None,
 ) -> optax.GradientTransformation:
     r"""NAdam: Adam with Nesterov momentum (Dozat, 2016), in optax's form.
 
@@ -194,6 +201,7 @@ def nadam(
         amsgrad=amsgrad,
         nu_dtype=nu_dtype,
         layout=layout,
+        moments=moments,
     )
 
 
@@ -211,6 +219,7 @@ def nadamw(
     amsgrad: bool = False,
     nu_dtype: DTypeLike | None = None,
     layout: Layout = "per_leaf",
+    moments: MomentsArg = None,
 ) -> optax.GradientTransformation:
     r"""NAdamW: :func:`adamw` with Nesterov momentum (Dozat 2016; Loshchilov & Hutter 2019).
 
@@ -235,6 +244,7 @@ def nadamw(
         amsgrad=amsgrad,
         nu_dtype=nu_dtype,
         layout=layout,
+        moments=moments,
     )
 
 
@@ -250,6 +260,7 @@ def amsgrad(
     *,
     nu_dtype: DTypeLike | None = None,
     layout: Layout = "per_leaf",
+    moments: MomentsArg = None,
 ) -> optax.GradientTransformation:
     r"""AMSGrad (Reddi et al., 2018) with optax's semantics.
 
@@ -279,6 +290,7 @@ def amsgrad(
             amsgrad=True,
             nu_dtype=nu_dtype,
             layout=layout,
+            moments=moments,
             bias_correction_mu=bias_correction_mu,
             bias_correction_nu=bias_correction_nu,
         ),

@@ -31,11 +31,12 @@ from adam_jax._state import (
     WeightDecaySchedule,
     is_moment_state,
 )
+from adam_jax._storage import QuantizedArray, decode, decode_tree
 from adam_jax._validate import TreeSignature, match_leaves
 
 
 def _is_wrapper(node: Any) -> bool:
-    return isinstance(node, (GroupedMoments, ShardedState))
+    return isinstance(node, (GroupedMoments, ShardedState, QuantizedArray))
 
 
 def state_to_tree(opt_state: Any) -> Any:
@@ -43,8 +44,10 @@ def state_to_tree(opt_state: Any) -> Any:
 
     Works on any chain and nesting (``optax.chain``, ``MultiSteps``,
     ``inject_hyperparams``, ``masked``, :func:`adam_jax.shard_state`):
-    :class:`adam_jax.GroupedMoments` become params-shaped trees and
-    :class:`adam_jax.ShardedState` is replaced by its inner state. Everything else
+    :class:`adam_jax.GroupedMoments` become params-shaped trees,
+    :class:`adam_jax.QuantizedArray` (``moments="8bit"``/``"4bit"``) become their
+    decoded float32 values and :class:`adam_jax.ShardedState` is replaced by its
+    inner state. Everything else
     is kept as it is, so for the default layout this is the state itself
     (optax's types). Use it to inspect, log, or save a state that any layout and
     any device count can restore (:func:`state_from_tree`).
@@ -59,10 +62,10 @@ def state_to_tree(opt_state: Any) -> Any:
 
     def convert(node):
         if isinstance(node, GroupedMoments):
-            return node.to_tree()
+            return decode_tree(node.to_tree())
         if isinstance(node, ShardedState):
             return state_to_tree(node.inner)
-        return node
+        return decode(node)
 
     return jax.tree.map(convert, opt_state, is_leaf=_is_wrapper)
 
@@ -99,14 +102,26 @@ def _fit_leaf(x: Any, like_leaf: Any, where: str) -> Any:
     return jnp.asarray(x)
 
 
+def _fit_moment(x: Any, like_node: Any, where: str) -> Any:
+    """:func:`_fit_leaf`, or for a quantized ``like_node`` the encoding of ``x`` with its
+    codec, each array placed like ``like_node``'s."""
+    if not isinstance(like_node, QuantizedArray):
+        return _fit_leaf(x, like_node, where)
+    value = _fit_leaf(x, jax.ShapeDtypeStruct(like_node.shape, jnp.float32), where)
+    encoded = jax.jit(like_node.codec.encode)(value)
+    return jax.tree.map(lambda a, b: _fit_leaf(a, b, where), encoded, like_node)
+
+
 def state_from_tree(tree: Any, like: Any) -> Any:
     """Puts a layout-free ``tree`` (from :func:`state_to_tree`) into ``like``'s form.
 
     ``like`` is an optimizer state (concrete, or abstract from
     :func:`restore_target` / ``jax.eval_shape``) of the transformation to continue
     with: its layout (grouped buffers), ``shard_state`` wrapper, shardings and
-    storage dtypes are applied to ``tree``'s values. The structure of ``tree``
-    must be ``state_to_tree(like)``'s.
+    storage dtypes are applied to ``tree``'s values; quantized moments are
+    encoded with ``like``'s codecs (encoding the decoded values of a state
+    reproduces its codes and scales bitwise). The structure of ``tree`` must be
+    ``state_to_tree(like)``'s.
 
     Raises:
       ValueError: naming the leaf path where ``tree`` does not fit ``like``
@@ -130,7 +145,7 @@ def state_from_tree(tree: Any, like: Any) -> Any:
             )
             buffers = plan.gather([jnp.asarray(x) for x in leaves])
             fitted = [
-                _fit_leaf(b, lb, f"{where} buffer {i}")
+                _fit_moment(b, lb, f"{where} buffer {i}")
                 for i, (b, lb) in enumerate(zip(buffers, like_node.buffers, strict=True))
             ]
             return GroupedMoments(fitted, plan)
@@ -138,7 +153,7 @@ def state_from_tree(tree: Any, like: Any) -> Any:
             return ShardedState(
                 state_from_tree(tree_node, like_node.inner), like_node.specs, like_node.signature
             )
-        return _fit_leaf(tree_node, like_node, where)
+        return _fit_moment(tree_node, like_node, where)
 
     return jax.tree_util.tree_map_with_path(convert, like, tree, is_leaf=_is_wrapper)
 

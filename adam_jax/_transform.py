@@ -33,6 +33,18 @@ from adam_jax._numerics import (
 )
 from adam_jax._sharding import zeros_count_like, zeros_like_param
 from adam_jax._state import AdamState, AmsgradState, ScheduleState, WeightDecaySchedule
+from adam_jax._storage import (
+    MomentsArg,
+    QuantizedMoments,
+    clip_update,
+    decode,
+    encode_like,
+    init_moment,
+    is_quantized,
+    logical_view,
+    resolve_moments,
+    step_bound,
+)
 from adam_jax._validate import (
     check_adam_hyperparams,
     check_inexact_leaves,
@@ -88,7 +100,10 @@ def eager_plan(gs, ms, vs) -> GroupPlan | None:
     if len(gs) < 2:
         return None
     dtypes = [
-        (jnp.dtype(m.dtype).name, jnp.dtype(v.dtype).name) for m, v in zip(ms, vs, strict=True)
+        ("quantized", i)
+        if is_quantized(m) or is_quantized(v)
+        else (jnp.dtype(m.dtype).name, jnp.dtype(v.dtype).name)
+        for i, (m, v) in enumerate(zip(ms, vs, strict=True))
     ]
     try:
         plan = make_plan(list(gs), group_fn=lambda path, _: dtypes[path[0].idx])
@@ -118,11 +133,23 @@ def scale_by_adam_with_convention(
     bias_correction_nu: bool = True,
     layout: Layout = "per_leaf",
     max_grouped_size: int = DEFAULT_MAX_GROUPED_SIZE,
+    moments: MomentsArg = None,
 ) -> optax.GradientTransformation:
     """:func:`scale_by_adam` with the convention and bias-correction switches exposed.
 
     Used by the aliases and by :mod:`adam_jax.compat`; see :func:`scale_by_adam`.
     """
+    quant = resolve_moments(moments)
+    if quant is not None and (mu_dtype is not None or nu_dtype is not None):
+        raise ValueError(
+            f"moments={moments!r} sets how mu and nu are stored; it cannot be combined with "
+            "mu_dtype/nu_dtype (leaves too small to quantize keep float32 moments). Pass one "
+            "or the other."
+        )
+    if quant is not None:
+        # Grouped buffers hold only leaves too small to quantize; every larger leaf
+        # is its own part, quantized exactly as in the per-leaf layout.
+        max_grouped_size = min(max_grouped_size, quant.min_size - 1)
     check_adam_hyperparams(b1, b2, eps, eps_root)
     check_storage_dtype("mu_dtype", mu_dtype)
     check_storage_dtype("nu_dtype", nu_dtype)
@@ -146,25 +173,45 @@ def scale_by_adam_with_convention(
     def nu_dtype_of(param_dtype):
         return nu_dtype or default_nu_dtype(param_dtype)
 
+    if quant is not None:
+        # Leaves too small to quantize keep float32 moments (float64 for float64).
+        def mu_dtype_of(param_dtype):
+            return compute_dtype(param_dtype)
+
+        def nu_dtype_of(param_dtype):
+            return real_dtype(compute_dtype(param_dtype))
+
+    def zero_moment(p, dtype_of, codec_of):
+        if quant is not None and quant.eligible(p):
+            return init_moment(p, codec_of(quant, p.shape))
+        return zeros_like_param(p, dtype_of(p.dtype))
+
     def init_fn(params) -> AdamState | AmsgradState:
         params = arrays_tree(params)
         check_inexact_leaves(params, name="params")
         plan = use_grouped_plan(params, layout, max_grouped_size)
 
-        def zeros(dtype_of):
+        def zeros(dtype_of, codec_of=None):
             if plan is not None:
-                return grouped_zeros(params, plan, dtype_of)
-            return jax.tree.map(lambda p: zeros_like_param(p, dtype_of(p.dtype)), params)
+                if quant is None:
+                    return grouped_zeros(params, plan, dtype_of)
+                leaves = [zero_moment(p, dtype_of, codec_of) for p in jax.tree.leaves(params)]
+                return GroupedMoments(plan.gather(leaves), plan)
+            return jax.tree.map(lambda p: zero_moment(p, dtype_of, codec_of), params)
 
         count = zeros_count_like(params)
         if amsgrad:
             return AmsgradState(
                 count=count,
-                mu=zeros(mu_dtype_of),
-                nu=zeros(nu_dtype_of),
-                nu_max=zeros(nu_dtype_of),
+                mu=zeros(mu_dtype_of, QuantizedMoments.mu_codec),
+                nu=zeros(nu_dtype_of, QuantizedMoments.nu_codec),
+                nu_max=zeros(nu_dtype_of, QuantizedMoments.nu_codec),
             )
-        return AdamState(count=count, mu=zeros(mu_dtype_of), nu=zeros(nu_dtype_of))
+        return AdamState(
+            count=count,
+            mu=zeros(mu_dtype_of, QuantizedMoments.mu_codec),
+            nu=zeros(nu_dtype_of, QuantizedMoments.nu_codec),
+        )
 
     def scalars_for(dtype, count_inc) -> dict:
         """The per-step scalars of ``adam_leaf``, formed in ``dtype`` (float32/float64)."""
@@ -186,11 +233,17 @@ def scale_by_adam_with_convention(
             eps_root=to_scalar(eps_root, dtype),
         )
 
+    def bound_for(dtype, count_inc):
+        s = scalars_for(dtype, count_inc)
+        return step_bound(s["coef"], s["one_minus_b1"], s["one_minus_b2"], count_inc)
+
     def update_fn(updates, state: AdamState | AmsgradState, params=None):
         del params
         updates = arrays_tree(updates)
         grouped = isinstance(state.mu, GroupedMoments)
         reference = state.mu.plan.signature if grouped else state.mu
+        if quant is not None and not grouped:
+            reference = logical_view(state.mu)
         gs = match_leaves(
             updates, reference, name="grads", reference_name="the params of the optimizer state"
         )
@@ -201,16 +254,17 @@ def scale_by_adam_with_convention(
         # so the grouped split takes the cheapest eager form (see GroupPlan.scatter).
         eager = not isinstance(state.count, jax.core.Tracer)
         scalars = SharedScalars(lambda dtype: scalars_for(dtype, count_inc))
+        bounds = SharedScalars(lambda dtype: bound_for(dtype, count_inc))
 
-        vmax_leaves = jax.tree.leaves(state.nu_max) if amsgrad else None
+        vmax_leaves = jax.tree.leaves(state.nu_max, is_leaf=is_quantized) if amsgrad else None
         if grouped:
             plan = state.mu.plan
             gs = plan.gather(gs)
             ms, vs = state.mu.buffers, state.nu.buffers
             vmaxs = state.nu_max.buffers if amsgrad else [None] * len(gs)
         else:
-            ms, mu_def = jax.tree.flatten(state.mu)
-            vs, nu_def = jax.tree.flatten(state.nu)
+            ms, mu_def = jax.tree.flatten(state.mu, is_leaf=is_quantized)
+            vs, nu_def = jax.tree.flatten(state.nu, is_leaf=is_quantized)
             vmaxs = vmax_leaves if amsgrad else [None] * len(gs)
             # Eagerly, every jnp op dispatches on its own (tens of microseconds):
             # run the math once on a concatenation of the small leaves instead
@@ -221,11 +275,18 @@ def scale_by_adam_with_convention(
                 vmaxs = plan.gather(vmaxs) if amsgrad else [None] * len(gs)
         out_u, out_m, out_v, out_vmax = [], [], [], []
         for g, m, v, vmax in zip(gs, ms, vs, vmaxs, strict=True):
-            res = adam_leaf(g, m, v, vmax, amsgrad=ams_mode, **scalars[g.dtype])
-            out_u.append(res.update.astype(g.dtype))
-            out_m.append(res.mu.astype(m.dtype))
-            out_v.append(res.nu.astype(v.dtype))
-            out_vmax.append(None if vmax is None else res.nu_max.astype(vmax.dtype))
+            # Quantized moments: decode to float32, the same math, encode the new ones.
+            stored = (m, v, vmax)
+            res = adam_leaf(
+                g, decode(m), decode(v), decode(vmax), amsgrad=ams_mode, **scalars[g.dtype]
+            )
+            update = res.update
+            if quant is not None and quant.clip and any(is_quantized(x) for x in stored):
+                update = clip_update(update, bounds[g.dtype])
+            out_u.append(update.astype(g.dtype))
+            out_m.append(encode_like(res.mu, m))
+            out_v.append(encode_like(res.nu, v))
+            out_vmax.append(None if vmax is None else encode_like(res.nu_max, vmax))
 
         if grouped:
 
@@ -272,6 +333,7 @@ def scale_by_adam(
     amsgrad: bool = False,
     nu_dtype: DTypeLike | None = None,
     layout: Layout = "per_leaf",
+    moments: MomentsArg = None,
 ) -> optax.GradientTransformation:
     r"""Rescales updates by Adam's bias-corrected moment ratio (optax convention).
 
@@ -311,6 +373,17 @@ def scale_by_adam(
         :class:`GroupedMoments` (use :func:`adam_jax.state_to_tree` to inspect or
         save them layout-free). To differentiate through the update
         (meta-gradients) on many leaves, ``"per_leaf"`` is faster.
+      moments: how ``mu`` and ``nu`` are stored. ``None`` or ``"fp32"`` (default):
+        arrays in ``mu_dtype``/``nu_dtype``, optax's state. ``"8bit"``: blockwise
+        8-bit dynamic quantization (bitsandbytes-style, blocks of 256, about 2
+        bytes per param); ``"4bit"``: 4-bit states (Li et al., 2023; about 1
+        byte per param); or a :class:`adam_jax.QuantizedMoments` for custom
+        settings. Quantized leaves hold :class:`adam_jax.QuantizedArray` (uint8
+        codes, fp32 scales); leaves under 4096 elements keep float32 moments.
+        The update is computed from the new moments before they are quantized,
+        and clipped to fp32 Adam's largest possible step. Cannot be combined
+        with ``mu_dtype``/``nu_dtype``. :func:`adam_jax.state_to_tree` gives
+        the decoded float32 moments.
 
     Returns:
       An ``optax.GradientTransformation`` whose state is optax's own
@@ -339,6 +412,7 @@ def scale_by_adam(
         amsgrad=amsgrad,
         nu_dtype=nu_dtype,
         layout=layout,
+        moments=moments,
     )
 
 

@@ -20,6 +20,7 @@ from adam_jax._numerics import (
     to_scalar,
 )
 from adam_jax._sharding import zeros_count_like
+from adam_jax._storage import MomentsArg
 from adam_jax._torch_state import from_torch_state_dict, to_torch_state_dict
 from adam_jax._transform import (
     ScalarOrSchedule,
@@ -115,6 +116,7 @@ def torch_adam(
     maximize: bool = False,
     decoupled_weight_decay: bool = False,
     layout: Layout = "per_leaf",
+    moments: MomentsArg = None,
 ) -> optax.GradientTransformation:
     r"""``torch.optim.Adam``, with its names, defaults and semantics.
 
@@ -128,7 +130,8 @@ def torch_adam(
     * ``amsgrad`` keeps the max of the *raw* :math:`v_t`, then bias-corrects it
       (optax takes the max of the corrected value).
     * ``maximize`` ascends: the gradient is negated first.
-    * ``layout`` (adam_jax's own): see :func:`adam_jax.scale_by_adam`.
+    * ``layout``, ``moments`` (adam_jax's own): see :func:`adam_jax.scale_by_adam`;
+      ``moments="8bit"`` is the counterpart of ``bitsandbytes.optim.Adam8bit``.
 
     Example:
       >>> from adam_jax.compat import torch_adam
@@ -154,7 +157,13 @@ def torch_adam(
         parts.append(add_decayed_weights(weight_decay))
     parts.append(
         scale_by_adam_with_convention(
-            b1, b2, eps, amsgrad=amsgrad, convention=Convention.TORCH, layout=layout
+            b1,
+            b2,
+            eps,
+            amsgrad=amsgrad,
+            convention=Convention.TORCH,
+            layout=layout,
+            moments=moments,
         )
     )
     parts.append(scale_by_learning_rate(lr))
@@ -172,8 +181,11 @@ def torch_adamw(
     *,
     maximize: bool = False,
     layout: Layout = "per_leaf",
+    moments: MomentsArg = None,
 ) -> optax.GradientTransformation:
     r"""``torch.optim.AdamW``: decoupled decay :math:`\theta \leftarrow \theta(1-\alpha\lambda)`.
+
+    ``layout`` and ``moments``: see :func:`adam_jax.scale_by_adam`.
 
     Example:
       >>> from adam_jax.compat import torch_adamw
@@ -192,6 +204,7 @@ def torch_adamw(
         maximize=maximize,
         decoupled_weight_decay=True,
         layout=layout,
+        moments=moments,
     )
 
 
@@ -204,6 +217,7 @@ def keras_adam(
     weight_decay: ScalarOrSchedule | None = None,
     *,
     layout: Layout = "per_leaf",
+    moments: MomentsArg = None,
 ) -> optax.GradientTransformation:
     r"""``keras.optimizers.Adam`` (Keras 3): the "epsilon hat" form.
 
@@ -215,6 +229,7 @@ def keras_adam(
     weighs :math:`1/\sqrt{1-\beta_2^t}` times more than optax's ``eps`` early in
     training. AMSGrad keeps the max of the raw :math:`v_t`. ``weight_decay`` is
     decoupled and multiplied by the learning rate, as Keras does.
+    ``layout`` and ``moments`` (adam_jax's own): see :func:`adam_jax.scale_by_adam`.
 
     Example:
       >>> from adam_jax.compat import keras_adam
@@ -233,7 +248,13 @@ def keras_adam(
         check_non_negative("weight_decay", weight_decay, schedule_ok=True)
     parts = [
         scale_by_adam_with_convention(
-            beta_1, beta_2, epsilon, amsgrad=amsgrad, convention=Convention.KERAS, layout=layout
+            beta_1,
+            beta_2,
+            epsilon,
+            amsgrad=amsgrad,
+            convention=Convention.KERAS,
+            layout=layout,
+            moments=moments,
         )
     ]
     # None (Keras's default) is no decay stage; any number, array or schedule
