@@ -31,7 +31,7 @@ from adam_jax._state import (
     WeightDecaySchedule,
     is_moment_state,
 )
-from adam_jax._storage import QuantizedArray, decode, decode_tree
+from adam_jax._storage import QuantizedArray, decode, decode_tree, encode
 from adam_jax._validate import TreeSignature, match_leaves
 
 
@@ -108,7 +108,7 @@ def _fit_moment(x: Any, like_node: Any, where: str) -> Any:
     if not isinstance(like_node, QuantizedArray):
         return _fit_leaf(x, like_node, where)
     value = _fit_leaf(x, jax.ShapeDtypeStruct(like_node.shape, jnp.float32), where)
-    encoded = jax.jit(like_node.codec.encode)(value)
+    encoded = encode(value, like_node.codec)
     return jax.tree.map(lambda a, b: _fit_leaf(a, b, where), encoded, like_node)
 
 
