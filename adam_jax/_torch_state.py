@@ -41,13 +41,18 @@ Transform = Callable[[str, np.ndarray], np.ndarray]
 
 
 def _to_numpy(x: Any) -> np.ndarray:
-    """A torch tensor (any dtype, any device) or array-like as a NumPy array."""
+    """A torch tensor (any dtype, any device) or array-like as a NumPy array of its own.
+
+    Always a copy: ``Tensor.numpy()`` (and ``np.asarray``) share memory with the source,
+    and JAX's CPU backend may alias a NumPy buffer; a torch optimizer that keeps
+    stepping in place would otherwise change the imported state under us.
+    """
     if hasattr(x, "detach"):  # torch.Tensor, without importing torch
         x = x.detach().cpu()
         if str(x.dtype) in ("torch.bfloat16", "torch.float16"):
             x = x.float()
-        return x.numpy()
-    return np.asarray(x)
+        return np.array(x.numpy(), copy=True)
+    return np.array(x, copy=True)
 
 
 def _the_moment_state(tree: Any) -> AdamState | AmsgradState:

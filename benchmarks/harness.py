@@ -481,7 +481,7 @@ def add_ratios(shape_result: dict[str, Any], roofline: float) -> None:
 
 def run(cfg: Config) -> dict[str, Any]:
     log = cfg.log
-    started = datetime.datetime.now(datetime.timezone.utc)
+    started = datetime.datetime.now(datetime.UTC)
     load_start = os.getloadavg()
     busy = load_start[0] > 0.5 * cpu_count()
     if torch is not None and busy and "OMP_WAIT_POLICY" not in os.environ:
@@ -507,7 +507,7 @@ def run(cfg: Config) -> dict[str, Any]:
     for sr in shape_results:
         add_ratios(sr, roofline)
     e2e = end_to_end(cfg) if cfg.e2e else None
-    finished = datetime.datetime.now(datetime.timezone.utc)
+    finished = datetime.datetime.now(datetime.UTC)
     return {
         "schema_version": 1,
         "started_utc": started.isoformat(timespec="seconds"),

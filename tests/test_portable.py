@@ -314,7 +314,7 @@ def test_torch_state_dict_continues_a_torch_run(amsgrad, layout):
     ts, opt = _torch_setup(params, amsgrad)
     _torch_run(ts, opt, range(50))
     saved = copy.deepcopy(opt.state_dict())
-    p50 = {k: jnp.asarray(t.detach().numpy()) for k, t in ts.items()}
+    p50 = {k: jnp.asarray(t.detach().numpy().copy()) for k, t in ts.items()}
     _torch_run(ts, opt, range(50, 100))
     torch100 = {k: t.detach().numpy() for k, t in ts.items()}
 
@@ -324,6 +324,29 @@ def test_torch_state_dict_continues_a_torch_run(amsgrad, layout):
     )
     ours, _ = run(tx, p50, state, range(50, 100))
     assert _rel(ours, torch100) <= 1e-5
+
+
+def test_imported_torch_state_does_not_alias_the_torch_buffers():
+    """The torch optimizer keeps stepping in place after the export: the imported state
+    (and the exported dict) must own their memory."""
+    params = params_tree()
+    ts, opt = _torch_setup(params, amsgrad=False)
+    _torch_run(ts, opt, range(3))
+    tx = torch_adamw(**HP)
+    live = opt.state_dict()  # not copied: its tensors are the optimizer's buffers
+    state = from_torch_state_dict(live, like=tx.init(params), param_ids=IDS, hyperparams=HP)
+    before = jax.tree.map(np.array, adam_jax.state_to_tree(state))
+    snapshot = live["state"][0]["exp_avg"].numpy().copy()
+    _torch_run(ts, opt, range(3, 6))  # exp_avg / exp_avg_sq change in place
+    after = jax.tree.map(np.array, adam_jax.state_to_tree(state))
+    jax.tree.map(np.testing.assert_array_equal, after, before)
+    # The torch buffer did change in place (else this test would prove nothing).
+    assert not np.array_equal(live["state"][0]["exp_avg"].numpy(), snapshot)
+    exported = to_torch_state_dict(state, param_ids=IDS, hyperparams=HP, as_numpy=True)
+    first = np.array(exported["state"][0]["exp_avg"])
+    exported["state"][0]["exp_avg"][...] = 0.0
+    again = to_torch_state_dict(state, param_ids=IDS, hyperparams=HP, as_numpy=True)
+    np.testing.assert_array_equal(again["state"][0]["exp_avg"], first)
 
 
 @pytest.mark.parametrize("amsgrad", [False, True])
