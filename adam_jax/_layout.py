@@ -220,7 +220,7 @@ def opaque_int32(values: Sequence[int], count: jax.Array) -> tuple[jax.Array, ..
     ``values`` unchanged, for any ``count``, but XLA cannot prove it. The price
     is one int32 scalar copy per value into the loop's carry. Measured on 2 CPU
     cores, 1000 leaves of 1000: compile 8.6 s -> 2.5-3.3 s, step time unchanged
-    or lower (``benchmarks/results/cpu-2core/compile_time.md``).
+    or lower (``benchmarks/studies/results/cpu-2core/compile_time.md``).
     """
     counter = jnp.minimum(jnp.asarray(count, jnp.int32), -1)
 

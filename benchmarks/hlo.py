@@ -1,6 +1,6 @@
 """Reading compiled (optimized) HLO text: kernels and memory traffic of a step.
 
-Used by :mod:`benchmarks.single_pass` and by ``tests/test_compiled_structure.py``,
+Used by :mod:`benchmarks.studies.single_pass` and by ``tests/test_compiled_structure.py``,
 which check *why* a step is fast from what XLA compiled, not from a timing:
 
 * :func:`entry_kernels` counts the operations of the entry computation that run as

@@ -89,7 +89,7 @@ def test_torch_methods_skipped_cleanly_without_torch(tmp_path):
 
 
 def test_compile_time_script_writes_rows_for_every_case(tmp_path):
-    from benchmarks import compile_time
+    from benchmarks.studies import compile_time
 
     compile_time.main(["--leaves", "3,6", "--out", str(tmp_path)])
     results = json.loads((tmp_path / "compile_time.json").read_text())
@@ -176,3 +176,43 @@ def test_eager_script_writes_a_row_per_leaf_count(tmp_path):
         assert set(row["seconds"]) == set(eager.METHODS)
         assert all(t > 0 for t in row["seconds"].values())
     assert "| 7 |" in (tmp_path / "eager.md").read_text()
+
+
+def test_low_memory_script_writes_every_table(tmp_path):
+    """``benchmarks.low_memory`` on a 4096-element leaf (the smallest quantized size):
+    speed, bytes, temp bytes, robustness and targets for ours and the non-compiling
+    peers (torchao compiles its step: 10-20 s, left to the full run)."""
+    from benchmarks import low_memory
+
+    ours = list(low_memory.OURS)
+    peers = ["torch_fused", "bnb_8bit", "optimi_kahan"]
+    argv = ["--leaves", "4096", "--repeats", "2", "--min-repeat-ms", "1", "--tree", "gpt2_d512"]
+    argv += ["--no-tree-temp", "--robust-steps", "3", "--out", str(tmp_path)]
+    low_memory.main([*argv, "--methods", ",".join(ours + peers)])
+    results = json.loads((tmp_path / "low_memory.json").read_text())
+    for key in ("machine", "versions", "command", "loadavg_start", "leaves", "tree", "targets"):
+        assert key in results
+    (leaf,) = results["leaves"]
+    assert leaf["shape"] == [4096]
+    ran = set(leaf["results"])
+    assert ran | set(leaf["skipped"]) == set(ours + peers)
+    assert set(ours) <= ran
+    for name, r in leaf["results"].items():
+        assert r["ms_per_step"] > 0 and len(r["repeat_ms_per_step"]) == 2
+        assert r["state_bytes_per_param"] > 0
+        assert r["ratio"] is not None or name not in ours
+    assert leaf["results"]["fp32"]["ratio"] == 1.0
+    assert leaf["results"]["fp32"]["state_bytes_per_param"] == pytest.approx(8.0, rel=1e-3)
+    assert leaf["results"]["8bit"]["state_bytes_per_param"] < 2.1
+    assert leaf["results"]["4bit"]["state_bytes_per_param"] < 1.2
+    assert all(leaf["results"][n]["temp_bytes"] is not None for n in ours)
+    tree = results["tree"]["rows"]
+    assert set(tree) == set(ours)
+    assert tree["bf16_kahan_8bit"]["total_bytes_per_param"] < 8.0
+    robust = results["robustness"]["rows"]
+    assert set(ours) <= set(robust)
+    assert robust["fp32"]["max_ratio"] == pytest.approx(1.0, abs=1e-3)
+    markdown = (tmp_path / "low_memory.md").read_text()
+    assert "## Targets" in markdown and "## Robustness" in markdown
+    for name in ran:
+        assert f"`{name}`" in markdown

@@ -37,7 +37,7 @@ XLA:CPU compiles each distinct fused kernel separately (several ms each on this
 machine) and compiles identical kernels once, which is what the rows show. Writes
 ``compile_time.md`` and ``compile_time.json`` to ``--out``.
 
-    python -m benchmarks.compile_time            # about 2 minutes on 2 cores
+    python -m benchmarks.studies.compile_time            # about 2 minutes on 2 cores
 """
 
 from __future__ import annotations
@@ -316,8 +316,8 @@ def pass_split_rows(n: int) -> list[dict[str, Any]]:
     """Runs :func:`_pass_log_child` in a child process with XLA's pass log on."""
     env = {**os.environ, **_PASS_LOG_ENV}
     proc = subprocess.run(
-        [sys.executable, "-m", "benchmarks.compile_time", "--_pass-log-child", str(n)],
-        cwd=Path(__file__).resolve().parents[1],
+        [sys.executable, "-m", "benchmarks.studies.compile_time", "--_pass-log-child", str(n)],
+        cwd=Path(__file__).resolve().parents[2],
         env=env,
         capture_output=True,
         text=True,
@@ -339,7 +339,7 @@ def render(results: dict[str, Any]) -> str:
     lines = [
         "# Compile time of many-leaf steps — " + m["slug"],
         "",
-        f"- Command: `python -m benchmarks.compile_time` ({results['date']})",
+        f"- Command: `python -m benchmarks.studies.compile_time` ({results['date']})",
         f"- Machine: {m['cpu_model']}, {m['cpu_cores']} cores; {m['platform']}",
         "- Versions: "
         + ", ".join(f"{k} {v}" for k, v in results["versions"].items() if v is not None),
@@ -408,7 +408,7 @@ def render(results: dict[str, Any]) -> str:
 
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", default=None, help="default: benchmarks/results/<machine>")
+    parser.add_argument("--out", default=None, help="default: benchmarks/studies/results/<machine>")
     parser.add_argument("--leaves", default="125,250,500,1000")
     parser.add_argument("--_pass-log-child", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -431,7 +431,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     report.write_pair(
         results,
         render(results),
-        Path(args.out or f"benchmarks/results/{machine['slug']}"),
+        Path(args.out or f"benchmarks/studies/results/{machine['slug']}"),
         "compile_time",
     )
 

@@ -37,8 +37,8 @@ abs difference is reported. For each JAX variant the compiled HLO is read:
 the number of element-wise passes over the big arrays at the top level (or in
 a while body) and the bytes per param those top-level passes move.
 
-    python -m benchmarks.single_pass            # n = 5e7, both phases
-    python -m benchmarks.single_pass --quick    # n = 1e6, 3 repeats: a smoke run
+    python -m benchmarks.studies.single_pass            # n = 5e7, both phases
+    python -m benchmarks.studies.single_pass --quick    # n = 1e6, 3 repeats: a smoke run
 """
 
 from __future__ import annotations
@@ -653,7 +653,7 @@ def main(argv: list[str] | None = None) -> None:
             env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " " + MOF_FLAG).strip()
             argv2 = [a for a in (argv if argv is not None else sys.argv[1:])]
             subprocess.run(
-                [sys.executable, "-m", "benchmarks.single_pass", *argv2, "--_child", "mof"],
+                [sys.executable, "-m", "benchmarks.studies.single_pass", *argv2, "--_child", "mof"],
                 env=env,
                 check=True,
             )
