@@ -521,6 +521,30 @@ def decode_tree(tree: Any) -> Any:
     return jax.tree.map(decode, tree, is_leaf=is_quantized)
 
 
+def _wraps_one_quantized(x: Any) -> bool:
+    """``x`` is a one-child wrapper node (e.g. an ``nnx.Param``) around a quantized leaf."""
+    if is_quantized(x) or isinstance(x, (dict, list, tuple)) or x is None:
+        return False
+    children = jax.tree_util.tree_flatten_with_path(x, is_leaf=is_quantized)[0]
+    return len(children) == 1 and len(children[0][0]) == 1 and is_quantized(children[0][1])
+
+
+def unwrap_quantized(tree: Any) -> Any:
+    """``tree`` with one-child wrappers around quantized leaves removed.
+
+    ``tx.init`` on ``nnx.Param``-wrapped params would otherwise give
+    ``Param(QuantizedArray)``: ``nnx.Optimizer`` keeps each ``Param`` as one variable,
+    whose value must be an array, and flattens a pytree value away on its first
+    ``update``. Bare, the quantized leaf's codes and scales become two variables.
+    The gradients' ``.value`` paths still match (see ``_validate.match_leaves``).
+    """
+    return jax.tree.map(
+        lambda x: jax.tree.leaves(x, is_leaf=is_quantized)[0] if _wraps_one_quantized(x) else x,
+        tree,
+        is_leaf=lambda x: is_quantized(x) or _wraps_one_quantized(x),
+    )
+
+
 def logical_view(tree: Any) -> Any:
     """``tree`` with each quantized leaf replaced by a ``ShapeDtypeStruct`` of its logical
     shape (for structure and shape checks against the gradients)."""

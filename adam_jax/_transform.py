@@ -44,6 +44,7 @@ from adam_jax._storage import (
     logical_view,
     resolve_moments,
     step_bound,
+    unwrap_quantized,
 )
 from adam_jax._validate import (
     check_adam_hyperparams,
@@ -197,7 +198,8 @@ def scale_by_adam_with_convention(
                     return grouped_zeros(params, plan, dtype_of)
                 leaves = [zero_moment(p, dtype_of, codec_of) for p in jax.tree.leaves(params)]
                 return GroupedMoments(plan.gather(leaves), plan)
-            return jax.tree.map(lambda p: zero_moment(p, dtype_of, codec_of), params)
+            moments = jax.tree.map(lambda p: zero_moment(p, dtype_of, codec_of), params)
+            return moments if quant is None else unwrap_quantized(moments)
 
         count = zeros_count_like(params)
         if amsgrad:

@@ -276,6 +276,18 @@ BAD_ARGUMENTS = [
     (["--stop-after", "0"], "stop_after must be >= 1"),
     (["--stop-after", "-2"], "stop_after must be >= 1"),
     (["--resume", "--overwrite"], "resume continues the earlier run, overwrite replaces it"),
+    (["--moments", "8bit", "--optimizer", "optax"], "moments: adam_jax options"),
+    (["--moments", "2bit"], "argument --moments: invalid choice: '2bit'"),
+    (["--kahan"], "act on bfloat16 params: add param_dtype bfloat16"),
+    (["--param-dtype", "float16"], "argument --param-dtype: invalid choice"),
+    (
+        ["--param-dtype", "bfloat16", "--kahan", "--stochastic-rounding"],
+        "argument --stochastic-rounding: not allowed with argument --kahan",
+    ),
+    (
+        ["--param-dtype", "bfloat16", "--stochastic-rounding", "--optimizer", "optax"],
+        "stochastic_rounding: adam_jax options",
+    ),
 ]
 
 
@@ -484,6 +496,19 @@ def test_packed_smoke_one_short_epoch(tmp_path: Path, mnist5k: data.Dataset, cap
     assert "421,408 float32 (4 leaves, weight decay)" in out
 
 
+@pytest.mark.parametrize("memory", ["8bit-bf16-kahan", "4bit-bf16-sr"])
+def test_low_memory_smoke_one_short_epoch(
+    tmp_path: Path, mnist5k: data.Dataset, memory: str, capsys
+) -> None:
+    result = train.train_and_evaluate(tiny_config(tmp_path, **LOW_MEMORY[memory]), mnist5k)
+    losses = np.asarray(result.history[0]["step_losses"])
+    assert np.all(np.isfinite(losses)) and losses[-8:].mean() < 0.6 * losses[:4].mean()
+    assert result.test_accuracy > 0.6
+    assert result.params["dense1"]["kernel"].dtype == jnp.bfloat16
+    out = capsys.readouterr().out
+    assert "bfloat16 params" in out and f"({LOW_MEMORY[memory]['moments']} moments)" in out
+
+
 def test_adam_jax_and_optax_give_the_same_losses(tmp_path: Path, mnist5k: data.Dataset) -> None:
     kw = {"train_limit": 320, "features": (8, 16), "hidden": 32}
     runs = [
@@ -494,9 +519,22 @@ def test_adam_jax_and_optax_give_the_same_losses(tmp_path: Path, mnist5k: data.D
     np.testing.assert_allclose(a, b, rtol=2e-5, atol=1e-7)
 
 
-@pytest.mark.parametrize("packed", [False, True])
-def test_resume_is_bitwise_identical(tmp_path: Path, mnist5k: data.Dataset, packed: bool) -> None:
+LOW_MEMORY = {
+    "fp32": {},
+    "8bit-bf16-kahan": {"moments": "8bit", "param_dtype": "bfloat16", "kahan": True},
+    "4bit-bf16-sr": {"moments": "4bit", "param_dtype": "bfloat16", "stochastic_rounding": True},
+}
+
+
+@pytest.mark.parametrize(
+    "packed, memory",
+    [(False, "fp32"), (True, "fp32"), (False, "8bit-bf16-kahan"), (True, "4bit-bf16-sr")],
+)
+def test_resume_is_bitwise_identical(
+    tmp_path: Path, mnist5k: data.Dataset, packed: bool, memory: str
+) -> None:
     kw = {"epochs": 2, "train_limit": 256, "features": (8, 16), "hidden": 32, "packed": packed}
+    kw |= LOW_MEMORY[memory]
     full = train.train_and_evaluate(tiny_config(tmp_path / "full", **kw), mnist5k)
     part = tiny_config(tmp_path / "part", **kw)
     first = train.train_and_evaluate(dataclasses.replace(part, stop_after=1), mnist5k)

@@ -477,6 +477,56 @@ def test_shard_state_on_a_one_device_mesh(fmt):
     assert _leaves_equal(adam_jax.state_to_tree(state), adam_jax.state_to_tree(state_ref))
 
 
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_nnx_optimizer_trains_like_bare_params(fmt):
+    """``nnx.Optimizer`` keeps a quantized moment's codes and scales as its own
+    variables through eager and jitted updates; the params follow the same run on a
+    plain dict of arrays."""
+    nnx = pytest.importorskip("flax.nnx")
+    model = nnx.Linear(256, 64, rngs=nnx.Rngs(0))  # kernel: 16,384 elements, quantized
+    tx = adam_jax.adamw(1e-2, weight_decay=1e-2, moments=fmt)
+    optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+    x = jax.random.normal(jax.random.key(1), (8, 256))
+
+    def loss(layer):
+        return jnp.mean(jnp.sin(layer(x)) ** 2)
+
+    params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    state = tx.init(params)
+
+    def plain_loss(p):
+        return jnp.mean(jnp.sin(x @ p["kernel"] + p["bias"]) ** 2)
+
+    @jax.jit
+    def plain_step(p, s):
+        u, s = tx.update(jax.grad(plain_loss)(p), s, p)
+        return optax.apply_updates(p, u), s
+
+    graphdef, nnx_state = None, None
+    for i in range(6):
+        params, state = plain_step(params, state)
+        if i < 3:  # eager nnx updates
+            optimizer.update(model, nnx.grad(loss)(model))
+            if i == 2:
+                graphdef, nnx_state = nnx.split((model, optimizer))
+        else:  # jitted, through split/merge
+
+            @jax.jit
+            def nnx_step(st):
+                m, o = nnx.merge(graphdef, st)
+                o.update(m, nnx.grad(loss)(m))
+                return nnx.state((m, o))
+
+            nnx_state = nnx_step(nnx_state)
+    model, optimizer = nnx.merge(graphdef, nnx_state)
+    got = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    for k in ("kernel", "bias"):
+        np.testing.assert_allclose(got[k], params[k], rtol=1e-5, atol=1e-7)
+    mu = nnx.as_pure(optimizer.opt_state)[0].mu["kernel"]
+    assert storage.is_quantized(mu) and mu.codes.dtype == jnp.uint8
+    assert int(nnx.as_pure(optimizer.opt_state)[0].count) == 6
+
+
 # ----------------------------------------------------------------------------- peers
 
 

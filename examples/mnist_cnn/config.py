@@ -6,6 +6,8 @@ import dataclasses
 import math
 
 OPTIMIZERS = ("adam_jax", "optax")
+MOMENTS = ("fp32", "8bit", "4bit")
+PARAM_DTYPES = ("float32", "bfloat16")
 
 # Fields that change the training trajectory: a resumed run must match the
 # checkpoint on all of them except RESUMABLE_CHANGES (below), or it could not end
@@ -25,6 +27,10 @@ TRAJECTORY_FIELDS = (
     "max_shift",
     "train_limit",
     "packed",
+    "moments",
+    "param_dtype",
+    "kahan",
+    "stochastic_rounding",
 )
 
 # Fields that determine the tree and placement of the optimizer state in memory, recorded
@@ -72,6 +78,13 @@ class Config:
       progress: show a tqdm bar per epoch.
       devices: data-parallel devices (the batch is split over them).
       zero1: partition the optimizer state over the devices (``adam_jax.shard_state``).
+      moments: Adam moment storage: ``"fp32"``, or ``"8bit"`` / ``"4bit"`` quantized
+        moments (``adam_jax.adamw(moments=...)``; adam_jax only).
+      param_dtype: the params' dtype, ``"float32"`` or ``"bfloat16"`` (activations are
+        computed in float32 either way).
+      kahan: with bfloat16 params, end the chain with ``adam_jax.kahan_summation()``.
+      stochastic_rounding: with bfloat16 params, end the chain with
+        ``adam_jax.stochastic_rounding(key)`` (the key derives from ``seed``).
     """
 
     epochs: int = 25
@@ -98,6 +111,10 @@ class Config:
     progress: bool = True
     devices: int = 1
     zero1: bool = False
+    moments: str = "fp32"
+    param_dtype: str = "float32"
+    kahan: bool = False
+    stochastic_rounding: bool = False
 
     def __post_init__(self) -> None:
         if self.optimizer not in OPTIMIZERS:
@@ -130,6 +147,27 @@ class Config:
             )
         if self.zero1 and self.devices == 1:
             raise ValueError("zero1 partitions the optimizer state over devices: use devices > 1")
+        if self.moments not in MOMENTS:
+            raise ValueError(f"moments must be one of {MOMENTS}, got {self.moments!r}")
+        if self.param_dtype not in PARAM_DTYPES:
+            raise ValueError(f"param_dtype must be one of {PARAM_DTYPES}, got {self.param_dtype!r}")
+        low_memory = [
+            flag
+            for flag, on in (
+                ("moments", self.moments != "fp32"),
+                ("kahan", self.kahan),
+                ("stochastic_rounding", self.stochastic_rounding),
+            )
+            if on
+        ]
+        if low_memory and self.optimizer != "adam_jax":
+            raise ValueError(f"{', '.join(low_memory)}: adam_jax options (optimizer adam_jax)")
+        if self.kahan and self.stochastic_rounding:
+            raise ValueError("kahan and stochastic_rounding both round the update: choose one")
+        if (self.kahan or self.stochastic_rounding) and self.param_dtype != "bfloat16":
+            raise ValueError(
+                "kahan / stochastic_rounding act on bfloat16 params: add param_dtype bfloat16"
+            )
         if self.max_shift < 0:
             raise ValueError(f"max_shift must be >= 0, got {self.max_shift}")
 

@@ -4,6 +4,8 @@ Usage (from anywhere)::
 
   python examples/mnist_cnn/main.py [--epochs N] [--batch-size B] [--lr LR] [--seed S]
       [--optimizer {adam_jax,optax}] [--packed] [--devices N [--zero1]] [--data-dir DIR]
+      [--moments {fp32,8bit,4bit}] [--param-dtype {float32,bfloat16} [--kahan |
+      --stochastic-rounding]]
       [--out DIR] [--resume | --overwrite] [--stop-after EPOCH]
 
 The last line printed is ``test_accuracy=<float>``. Bad arguments exit with status 2
@@ -26,7 +28,7 @@ for _path in (str(_HERE.parents[1]), str(_HERE.parent)):
     if _path not in sys.path:
         sys.path.insert(0, _path)
 
-from mnist_cnn.config import OPTIMIZERS, Config  # noqa: E402
+from mnist_cnn.config import MOMENTS, OPTIMIZERS, PARAM_DTYPES, Config  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> Config:
@@ -88,6 +90,30 @@ def parse_args(argv: list[str] | None = None) -> Config:
         action="store_true",
         help="with --devices N: partition the optimizer state over the devices (ZeRO-1)",
     )
+    p.add_argument(
+        "--moments",
+        choices=MOMENTS,
+        default=d.moments,
+        help="Adam moment storage: fp32, or 8-bit / 4-bit quantized (adam_jax only)",
+    )
+    p.add_argument(
+        "--param-dtype",
+        choices=PARAM_DTYPES,
+        default=d.param_dtype,
+        help="the params' dtype (activations are float32 either way)",
+    )
+    rounding = p.add_mutually_exclusive_group()
+    rounding.add_argument(
+        "--kahan",
+        action="store_true",
+        help="with --param-dtype bfloat16: Kahan-compensated updates (adam_jax.kahan_summation)",
+    )
+    rounding.add_argument(
+        "--stochastic-rounding",
+        action="store_true",
+        help="with --param-dtype bfloat16: stochastically rounded updates "
+        "(adam_jax.stochastic_rounding)",
+    )
     p.add_argument("--no-progress", action="store_true", help="no tqdm progress bars")
     args = p.parse_args(argv)
     try:
@@ -107,6 +133,10 @@ def parse_args(argv: list[str] | None = None) -> Config:
             progress=not args.no_progress,
             devices=args.devices,
             zero1=args.zero1,
+            moments=args.moments,
+            param_dtype=args.param_dtype,
+            kahan=args.kahan,
+            stochastic_rounding=args.stochastic_rounding,
         )
     except ValueError as err:
         p.error(str(err))

@@ -32,14 +32,17 @@ class CNN(nnx.Module):
         dropout: float = 0.2,
         num_classes: int = 10,
         *,
+        param_dtype: jnp.dtype = jnp.float32,
         rngs: nnx.Rngs,
     ) -> None:
         c1, c2 = features
-        self.conv1 = nnx.Conv(1, c1, kernel_size=(3, 3), rngs=rngs)
-        self.conv2 = nnx.Conv(c1, c2, kernel_size=(3, 3), rngs=rngs)
-        self.dense1 = nnx.Linear(7 * 7 * c2, hidden, rngs=rngs)
+        # Params in ``param_dtype``; the layers compute in float32 (``dtype``).
+        kw = dict(param_dtype=param_dtype, dtype=jnp.float32, rngs=rngs)
+        self.conv1 = nnx.Conv(1, c1, kernel_size=(3, 3), **kw)
+        self.conv2 = nnx.Conv(c1, c2, kernel_size=(3, 3), **kw)
+        self.dense1 = nnx.Linear(7 * 7 * c2, hidden, **kw)
         self.dropout = nnx.Dropout(dropout)
-        self.dense2 = nnx.Linear(hidden, num_classes, rngs=rngs)
+        self.dense2 = nnx.Linear(hidden, num_classes, **kw)
 
     def __call__(self, images: jax.Array, *, dropout_key: jax.Array | None = None) -> jax.Array:
         """Maps (B, 28, 28) pixels in [0, 1] to (B, 10) logits.

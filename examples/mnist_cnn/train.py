@@ -97,6 +97,10 @@ def decay_mask(params: optax.Params) -> Any:
     return jax.tree.map(is_decayed, params)
 
 
+# fold_in constant for the stochastic-rounding key (independent of the init/train keys).
+ROUNDING_STREAM = 0x5EED
+
+
 def make_optimizer(
     cfg: Config, steps_per_epoch: int, mask: Any = decay_mask, mesh: Any = None
 ) -> optax.GradientTransformation:
@@ -107,8 +111,7 @@ def make_optimizer(
     buffers. With ``cfg.zero1`` the
     state is partitioned over ``mesh``'s ``"data"`` axis.
     """
-    adamw = adam_jax.adamw if cfg.optimizer == "adam_jax" else optax.adamw
-    tx = adamw(
+    hyperparams = dict(
         learning_rate=make_schedule(cfg, steps_per_epoch),
         b1=0.9,
         b2=0.999,
@@ -116,12 +119,28 @@ def make_optimizer(
         weight_decay=cfg.weight_decay,
         mask=mask,
     )
+    if cfg.optimizer == "optax":
+        tx = optax.adamw(**hyperparams)
+    else:
+        moments = None if cfg.moments == "fp32" else cfg.moments
+        tx = adam_jax.adamw(**hyperparams, moments=moments)
+        if cfg.kahan:
+            tx = optax.chain(tx, adam_jax.kahan_summation())
+        elif cfg.stochastic_rounding:
+            key = jax.random.fold_in(jax.random.key(cfg.seed), ROUNDING_STREAM)
+            tx = optax.chain(tx, adam_jax.stochastic_rounding(key))
     return adam_jax.shard_state(tx, mesh, "data") if cfg.zero1 else tx
 
 
 def create_model(cfg: Config, init_key: jax.Array) -> CNN:
     """The CNN initialised from ``init_key``."""
-    return CNN(cfg.features, cfg.hidden, cfg.dropout, rngs=nnx.Rngs(params=init_key))
+    return CNN(
+        cfg.features,
+        cfg.hidden,
+        cfg.dropout,
+        param_dtype=jnp.dtype(cfg.param_dtype),
+        rngs=nnx.Rngs(params=init_key),
+    )
 
 
 def create_model_and_optimizer(
@@ -592,6 +611,12 @@ def describe_run(
 ) -> list[str]:
     """The header lines printed before training (with ``packing``, one more on the buffers)."""
     name = "adam_jax.adamw" if cfg.optimizer == "adam_jax" else "optax.adamw"
+    if cfg.moments != "fp32":
+        name += f" ({cfg.moments} moments)"
+    if cfg.kahan:
+        name += " + kahan_summation"
+    if cfg.stochastic_rounding:
+        name += " + stochastic_rounding"
     c1, c2 = cfg.features
     packed = []
     if packing is not None:
@@ -606,7 +631,7 @@ def describe_run(
     return [
         f"data: {data.description}",
         f"model: CNN conv3x3 {c1}-{c2} + maxpool, dense {cfg.hidden}, dropout {cfg.dropout} "
-        f"({count_params(model):,} params)",
+        f"({count_params(model):,} {cfg.param_dtype} params)",
         f"optimizer: {name}, lr {cfg.lr:g} warmup-cosine (warmup {cfg.warmup_epochs:g} epoch), "
         f"weight decay {cfg.weight_decay:g}; batch {cfg.batch_size}, {cfg.epochs} epochs x "
         f"{steps_per_epoch} steps; shifts <= {cfg.max_shift}px; seed {cfg.seed}",
