@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import jax
+import jax.export
 import jax.extend.core as jax_core
 import jax.numpy as jnp
 import numpy as np
