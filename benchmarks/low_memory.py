@@ -293,6 +293,7 @@ def bench_leaf(
             "description": r.description,
             "family": r.family,
             "ms_per_step": t * 1e3,
+            "min_ms_per_step": min(secs) * 1e3,
             "half_iqr_pct": float((q75 - q25) / 2 / t * 100),
             "steps_per_repeat": steps[r.name],
             "repeat_ms_per_step": [s * 1e3 for s in secs],
@@ -305,9 +306,12 @@ def bench_leaf(
     for res in results.values():
         base = "fp32" if res["family"] == "jax" else "torch_fused"
         res["ratio_name"] = base
-        res["ratio"] = (
-            res["ms_per_step"] / results[base]["ms_per_step"] if base in results else None
-        )
+        have = base in results
+        res["ratio"] = res["ms_per_step"] / results[base]["ms_per_step"] if have else None
+        # Best repeat against best repeat: the least disturbed by other load (the
+        # quantized steps are compute-bound and lose more to contention than fp32).
+        best = results[base]["min_ms_per_step"] if have else None
+        res["min_ratio"] = res["min_ms_per_step"] / best if have else None
         if "torch_fused" in results:
             res["vs_torch_fused"] = res["ms_per_step"] / results["torch_fused"]["ms_per_step"]
     return {
@@ -477,7 +481,8 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
                 rows.append(
                     {
                         "target": f"{name} step <= {limit}x fp32 adam_jax ({label})",
-                        "measured": f"{r['ratio']:.2f}x ({r['ms_per_step']:.1f} ms)",
+                        "measured": f"{r['ratio']:.2f}x ({r['ms_per_step']:.1f} ms); best "
+                        f"repeats {r['min_ratio']:.2f}x",
                         "met": r["ratio"] <= limit,
                     }
                 )
@@ -553,7 +558,9 @@ def markdown(results: dict[str, Any]) -> str:
         f"at end {', '.join(f'{x:.2f}' for x in results['loadavg_end'])}",
         f"- Timing: median of {results['repeats']} repeats (each ≥ "
         f"{results['min_repeat_ms']:g} ms), methods interleaved in a seeded random order per "
-        "repeat; ± is half the interquartile range. JAX: update + apply_updates, jitted, "
+        "repeat; ± is half the interquartile range; 'best' is the fastest repeat (best ratio: "
+        "best over best), the figure least disturbed by other load. JAX: update + "
+        "apply_updates, jitted, "
         "params and state donated; torch: `opt.step()`.",
     ]
     if results.get("note"):
@@ -587,7 +594,9 @@ def markdown(results: dict[str, Any]) -> str:
                 [
                     f"`{name}`",
                     f"{r['ms_per_step']:.2f} ± {r['half_iqr_pct']:.0f} %",
+                    f"{r['min_ms_per_step']:.2f}",
                     _f(r["ratio"]),
+                    _f(r["min_ratio"]),
                     _f(r.get("vs_torch_fused")),
                     f"{r['state_bytes_per_param']:.3f}",
                     f"{r['total_bytes_per_param']:.3f}",
@@ -599,7 +608,9 @@ def markdown(results: dict[str, Any]) -> str:
             [
                 "method",
                 "ms/step",
+                "best ms",
                 "ratio",
+                "best ratio",
                 "vs torch fused",
                 "state B/param",
                 "params + state B/param",
