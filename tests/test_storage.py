@@ -252,6 +252,41 @@ def test_bytes_per_param_on_a_gpt2_like_tree():
         assert storage.state_bytes(state) / n <= limit, fmt
 
 
+_PADDED_BLOCKS = pytest.mark.xfail(
+    strict=True,
+    reason="known: a row length that is not a multiple of the block size is zero-padded "
+    "to whole blocks, and the pad writes the float32 moments out (8-bit, 1000 x 520: "
+    "23.7 bytes per param of temporaries)",
+)
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize(
+    "shape",
+    [(1001, 512), (1000, 512), pytest.param((1000, 520), marks=_PADDED_BLOCKS)],
+    ids=["odd_rows", "rows_of_8", "partial_block"],
+)
+def test_the_compiled_step_keeps_its_temporaries_small(fmt, shape):
+    """The jitted, donated step's temporary memory stays near 2 bytes per param (the new
+    codes before they replace the old ones), whatever the row count: a leaf whose
+    rows are odd, or not a multiple of 8, used to be zero-padded for the column
+    extremes and the 4-bit row pairs, and each pad wrote a float32 moment out in
+    full (16 bytes per param on GPT-2's 50257 x 768 embedding)."""
+    if fmt == "4bit" and shape == (1000, 520):
+        pytest.skip("4-bit 2-D moments are rank-1 normalized: no blocks")
+    tx = adam_jax.adamw(1e-3, moments=fmt)
+    p = jax.ShapeDtypeStruct(shape, jnp.float32)
+    state = jax.eval_shape(tx.init, p)
+
+    def step(p, s, g):
+        u, s = tx.update(g, s, p)
+        return optax.apply_updates(p, u), s
+
+    compiled = jax.jit(step, donate_argnums=(0, 1)).lower(p, state, p).compile()
+    temp = compiled.memory_analysis().temp_size_in_bytes
+    assert temp <= 2.5 * shape[0] * shape[1], temp / (shape[0] * shape[1])
+
+
 def test_small_leaves_keep_float32_moments_and_min_size_is_settable():
     params = {
         "a": jax.ShapeDtypeStruct((4095,), jnp.float32),
