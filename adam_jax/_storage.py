@@ -157,6 +157,25 @@ def _axis_extreme(x: jax.Array, keep: int) -> jax.Array:
     return _pick_extreme(hi, lo)
 
 
+def _finite_or_zero(x: jax.Array) -> jax.Array:
+    """``x`` with inf and NaN as 0: non-finite values never set a block's scale."""
+    return jnp.where(jnp.isfinite(x), x, _f32(0.0))
+
+
+def _saturate_non_finite(x: jax.Array, extreme: jax.Array) -> jax.Array:
+    """``x`` with +-inf as +-``extreme`` (the largest finite magnitude of its block, or
+    of its rank-1 scale) and NaN as 0.
+
+    The policy for non-finite moments (a non-finite or overflowing gradient): the
+    step that receives it is computed from the unquantized moments, exactly as in
+    the float32 path; what is stored stays local to the element. A block holding
+    an inf would otherwise get an infinite scale and decode as NaN in every one of
+    its values (256 params for 8-bit; a whole row and column for rank-1).
+    """
+    x = jnp.where(jnp.isnan(x), _f32(0.0), x)
+    return jnp.where(jnp.isinf(x), jnp.sign(x) * extreme, x)
+
+
 def _select_by_level(level: jax.Array, values: list[float]) -> jax.Array:
     """``values[level]`` for a small list, as a chain of selects (no gather)."""
     out = jnp.full(level.shape, values[0], jnp.float32)
@@ -454,11 +473,13 @@ class Codec:
         # they equal the maxima of sqrt(x) bitwise): only the encode loop takes
         # square roots, and XLA does not write sqrt(x) out to share it.
         root = jnp.sqrt if self.root else (lambda y: y)
+        unroot = (lambda y: y * y) if self.root else (lambda y: y)
         if self.norm == "rank1":
             nd = len(self.shape)
-            maxima = tuple(root(_axis_extreme(x, axis)) for axis in range(nd))
+            maxima = tuple(root(_axis_extreme(_finite_or_zero(x), axis)) for axis in range(nd))
             scale = self._rank1_scale(maxima)
             inv = jnp.where(scale == 0, _f32(0.0), _f32(1.0) / jnp.where(scale == 0, 1, scale))
+            x = _saturate_non_finite(x, unroot(jnp.abs(scale)))
             stored = self._quantize(self._to_grid(root(x)), self._to_grid(inv))
             return QuantizedArray(stored, maxima, self)
         xb = self._blocked(self._to_grid(x))
@@ -466,8 +487,10 @@ class Codec:
         # then maps to +1.0 exactly (the signed table has no -1.0): the block's
         # extreme value is stored exactly, and re-encoding decoded values gives
         # the same codes and scales.
-        scale = root(_signed_absmax(xb, (2,)))
+        extreme = _signed_absmax(_finite_or_zero(xb), (2,))
+        scale = root(extreme)
         inv = jnp.where(scale == 0, _f32(0.0), _f32(1.0) / jnp.where(scale == 0, 1, scale))
+        xb = _saturate_non_finite(xb, jnp.abs(extreme)[..., None])
         stored = self._quantize(root(xb), inv[..., None])
         return QuantizedArray(stored, (scale[:, 0] if len(self.shape) < 2 else scale,), self)
 

@@ -512,6 +512,37 @@ def test_shard_state_on_a_one_device_mesh(fmt):
     assert _leaves_equal(adam_jax.state_to_tree(state), adam_jax.state_to_tree(state_ref))
 
 
+@pytest.mark.parametrize("bad", [np.inf, -np.inf, np.nan, 3e38], ids=["inf", "-inf", "nan", "3e38"])
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_non_finite_gradients_stay_local_as_in_the_float32_path(fmt, bad):
+    """One non-finite (or squaring-to-inf) gradient element: its step is the float32
+    path's (0 for inf, NaN for NaN), and it never spreads to its block, row or column;
+    the stored moments stay finite."""
+    params = {"w": jnp.ones((16, 512))}
+    rng = np.random.default_rng(0)
+    grads = [jnp.asarray(rng.standard_normal((16, 512)), jnp.float32) for _ in range(4)]
+    grads[0] = grads[0].at[3, 7].set(bad)
+    results = {}
+    for moments in (None, fmt):
+        tx = adam_jax.adam(1e-2, moments=moments)
+        state, p, steps = tx.init(params), params, []
+        for g in grads:
+            u, state = jax.jit(tx.update)({"w": g}, state, p)
+            p = optax.apply_updates(p, u)
+            steps.append(np.asarray(u["w"]))
+        results[moments] = (steps, np.asarray(p["w"]), state)
+    (ref_steps, ref_p, _), (steps, p, state) = results[None], results[fmt]
+    others = np.ones((16, 512), bool)
+    others[3, 7] = False
+    for step in steps:
+        assert np.all(np.isfinite(step[others]))
+    np.testing.assert_array_equal(steps[0][3, 7], ref_steps[0][3, 7])  # 0, or NaN
+    assert np.isnan(p[3, 7]) == np.isnan(ref_p[3, 7])
+    assert np.all(np.isfinite(p[others]))
+    for leaf in jax.tree.leaves(adam_jax.state_to_tree(state)):
+        assert np.all(np.isfinite(np.asarray(leaf)))
+
+
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_nnx_optimizer_trains_like_bare_params(fmt):
     """``nnx.Optimizer`` keeps a quantized moment's codes and scales as its own
