@@ -626,7 +626,7 @@ class QuantizedMoments:
 
     Args:
       bits: 8 or 4. Codes are uint8 (4-bit: two per byte).
-      block_size: values per fp32 scale of a block-normalized moment: 256
+      block_size: values per fp32 scale of a block-normalized moment, a power of two: 256
         (8-bit), 128 (4-bit). Blocks run along each row of the leaf viewed as
         (leading axis, everything else); 1-D leaves are cut into blocks.
       min_size: leaves with fewer elements keep float32 moments (4096, as in
@@ -674,8 +674,10 @@ class QuantizedMoments:
             if getattr(self, name) is None:
                 object.__setattr__(self, name, value)
         bs = self.block_size
-        if isinstance(bs, bool) or not isinstance(bs, int) or bs < 2 or bs % 2:
-            raise ValueError(f"QuantizedMoments: block_size must be an even int >= 2, got {bs!r}.")
+        if isinstance(bs, bool) or not isinstance(bs, int) or bs < 2 or bs & (bs - 1):
+            raise ValueError(
+                f"QuantizedMoments: block_size must be a power of two >= 2, got {bs!r}."
+            )
         ms = self.min_size
         if isinstance(ms, bool) or not isinstance(ms, int) or ms < 1:
             raise ValueError(f"QuantizedMoments: min_size must be an int >= 1, got {ms!r}.")

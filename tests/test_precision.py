@@ -454,6 +454,22 @@ def test_state_stable_strict_and_same_jit_abstract():
     np.testing.assert_array_equal(np.asarray(stepped["a"]), np.asarray(params["a"]))
 
 
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64])
+def test_kahan_on_a_tree_without_half_precision_leaves_is_a_pass_through(dtype):
+    """Allowed, as documented: no buffers at all, and the updates come back unchanged."""
+    with jax.enable_x64(dtype == jnp.float64):
+        params = {"w": jnp.ones((8, 4), dtype), "b": jnp.zeros((4,), dtype)}
+        tx = adam_jax.kahan_summation()
+        state = tx.init(params)
+        assert not [x for x in jax.tree.leaves(state) if hasattr(x, "shape") and x.size > 1]
+        updates = {"w": jnp.full((8, 4), 1e-9, dtype), "b": jnp.full((4,), -3.0, dtype)}
+        out, new_state = jax.jit(tx.update)(updates, state, params)
+        for k in params:
+            assert out[k].dtype == dtype
+            np.testing.assert_array_equal(out[k], updates[k])
+        assert jax.tree.structure(new_state) == jax.tree.structure(state)
+
+
 def test_nnx_optimizer():
     nnx = pytest.importorskip("flax.nnx")
     start = _params()

@@ -490,8 +490,16 @@ def test_moments_and_storage_dtypes_are_exclusive_and_bad_values_raise():
         adam_jax.adam(1e-3, moments="16bit")
     with pytest.raises(ValueError, match="bits must be 4 or 8"):
         adam_jax.QuantizedMoments(bits=3)
-    with pytest.raises(ValueError, match="block_size"):
-        adam_jax.QuantizedMoments(block_size=255)
+    for bad in (255, 96, 384, 0, 1, -128, 128.0, True, "256"):
+        with pytest.raises(
+            ValueError, match=f"block_size must be a power of two >= 2, got {bad!r}"
+        ):
+            adam_jax.QuantizedMoments(block_size=bad)
+    for good in (2, 64, 512):
+        assert adam_jax.QuantizedMoments(block_size=good).block_size == good
+    for bad in (0, -1, 4096.0, None):
+        with pytest.raises(ValueError, match="min_size must be an int >= 1"):
+            adam_jax.QuantizedMoments(min_size=bad)
     with pytest.raises(ValueError, match="mu_norm"):
         adam_jax.QuantizedMoments(mu_norm="rows")
     assert adam_jax.QuantizedMoments(bits=8) == storage.resolve_moments("8bit")
