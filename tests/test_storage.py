@@ -551,6 +551,35 @@ def test_non_finite_gradients_stay_local_as_in_the_float32_path(fmt, bad):
         assert np.all(np.isfinite(np.asarray(leaf)))
 
 
+@pytest.mark.parametrize("layout", ["per_leaf", "grouped"])
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_orbax_round_trip_is_bitwise(fmt, layout, tmp_path):
+    """The quantized state itself (codes and scales) through orbax, restored into
+    ``jax.eval_shape(tx.init, params)``; and its layout-free form into fp32 state."""
+    ocp = pytest.importorskip("orbax.checkpoint")
+    tx = adam_jax.adamw(1e-2, weight_decay=0.1, moments=fmt, layout=layout)
+    state = tx.init(SMALL)
+    step = jax.jit(tx.update)
+    for seed in range(3):
+        _, state = step(_grads(SMALL, seed), state, SMALL)
+    with ocp.StandardCheckpointer() as checkpointer:
+        checkpointer.save(tmp_path / "state", state)
+        checkpointer.save(tmp_path / "tree", adam_jax.state_to_tree(state))
+    with ocp.StandardCheckpointer() as checkpointer:
+        restored = checkpointer.restore(tmp_path / "state", jax.eval_shape(tx.init, SMALL))
+        tree = checkpointer.restore(
+            tmp_path / "tree", jax.eval_shape(lambda: adam_jax.state_to_tree(state))
+        )
+    assert jax.tree.structure(restored) == jax.tree.structure(state)
+    assert _leaves_equal(restored, state)
+    grads = _grads(SMALL, 9)
+    assert _leaves_equal(step(grads, restored, SMALL), step(grads, state, SMALL))
+    # Switch the run to fp32 state: the dequantized moments, exactly.
+    fp32 = adam_jax.adamw(1e-2, weight_decay=0.1, layout=layout)
+    moved = adam_jax.state_from_tree(tree, like=fp32.init(SMALL))
+    assert _leaves_equal(adam_jax.state_to_tree(moved), adam_jax.state_to_tree(state))
+
+
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_nnx_optimizer_trains_like_bare_params(fmt):
     """``nnx.Optimizer`` keeps a quantized moment's codes and scales as its own
