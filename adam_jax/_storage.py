@@ -432,8 +432,10 @@ class Codec:
         """uint8 storage -> int32 codes, in the shape :meth:`_quantize` took ``x`` in."""
         blocked = self.norm == "block"
         if not self.packed:
-            codes = self._to_grid(stored.astype(jnp.int32))
-            return self._blocked(codes) if blocked else codes
+            # Padded (to whole blocks) before the int32 conversion: if XLA writes the
+            # padded codes out, they are bytes, not 4-byte ints.
+            codes = self._to_grid(stored)
+            return (self._blocked(codes) if blocked else codes).astype(jnp.int32)
         shape = (stored.shape[0], 2, *stored.shape[1:])
         byte = jnp.broadcast_to(stored.astype(jnp.int32)[:, None], shape)
         # Row 2i is the high nibble: shift by 4 - 4 * (index along the pair axis). An
@@ -482,6 +484,8 @@ class Codec:
             x = _saturate_non_finite(x, unroot(jnp.abs(scale)))
             stored = self._quantize(self._to_grid(root(x)), self._to_grid(inv))
             return QuantizedArray(stored, maxima, self)
+        if self._partial_blocks:
+            return self._encode_partial_blocks(x, root)
         xb = self._blocked(self._to_grid(x))
         # The block's scale carries the sign of its largest-magnitude value, which
         # then maps to +1.0 exactly (the signed table has no -1.0): the block's
@@ -496,13 +500,71 @@ class Codec:
 
     def decode(self, q: "QuantizedArray") -> jax.Array:
         """:class:`QuantizedArray` -> the params-shaped float32 moment."""
-        codes = self._codes(q.codes)
         if self.norm == "rank1":
+            codes = self._codes(q.codes)
             x = self._from_grid(self.map.decode(codes)) * self._rank1_scale(q.scales)
+        elif self._partial_blocks:
+            x = self._decode_partial_blocks(q)
         else:
+            codes = self._codes(q.codes)
             scale = q.scales[0].reshape(self.grid[0], self.blocks)
             x = self._from_grid(self._unblocked(self.map.decode(codes) * scale[..., None]))
         return x * x if self.root else x
+
+    # -- rows that end in a partial block (8-bit, 2-D, row length not a multiple of
+    # the block size). Encode: the whole blocks and the last, shorter one are two
+    # views of the grid, their byte codes concatenated. Decode: each value times its
+    # block's scale, the scales broadcast to whole blocks and cut to the row length.
+    # Zero-padding the rows to whole blocks instead wrote the float32 moments out
+    # (8-bit, 1000 x 520: 23.7 bytes per param of temporaries in the jitted step, now
+    # 2.15); decoding two parts and concatenating them wrote the decoded float32
+    # moments out (11.9), and padding the byte codes wrote those out (3.15, and 1.8x
+    # slower on a 2048 x 3896 leaf). The results equal the padded layout's bitwise
+    # (zeros never set a block's extreme, and padded codes were cut off).
+
+    @property
+    def _partial_blocks(self) -> bool:
+        return (
+            self.norm == "block"
+            and not self.packed
+            and len(self.shape) >= 2
+            and self.grid[1] % self.block_size != 0
+        )
+
+    def _grid_parts(self, grid: jax.Array) -> list[jax.Array]:
+        """``(rows, cols)`` -> ``[(rows, whole blocks, block_size), (rows, 1, rest)]``."""
+        rows, cols = grid.shape
+        full = cols - cols % self.block_size
+        tail = grid[:, full:][:, None, :]
+        if not full:
+            return [tail]
+        return [grid[:, :full].reshape(rows, full // self.block_size, self.block_size), tail]
+
+    def _encode_partial_blocks(self, x: jax.Array, root) -> "QuantizedArray":
+        """:meth:`encode` for ``norm="block"`` when rows end in a partial block."""
+        codes, scales = [], []
+        for xb in self._grid_parts(self._to_grid(x)):
+            extreme = _signed_absmax(_finite_or_zero(xb), (2,))
+            scale = root(extreme)
+            inv = jnp.where(scale == 0, _f32(0.0), _f32(1.0) / jnp.where(scale == 0, 1, scale))
+            xb = _saturate_non_finite(xb, jnp.abs(extreme)[..., None])
+            part = self.map.encode(root(xb) * inv[..., None]).astype(jnp.uint8)
+            codes.append(part.reshape(part.shape[0], -1))
+            scales.append(scale)
+        stored = self._from_grid(jnp.concatenate(codes, axis=1) if len(codes) > 1 else codes[0])
+        scale = jnp.concatenate(scales, axis=1) if len(scales) > 1 else scales[0]
+        return QuantizedArray(stored, (scale,), self)
+
+    def _decode_partial_blocks(self, q: "QuantizedArray") -> jax.Array:
+        """:meth:`decode` (before ``root``) for ``norm="block"`` when rows end in a
+        partial block."""
+        rows, cols = self.grid
+        scale = q.scales[0].reshape(rows, self.blocks, 1)
+        padded = self.blocks * self.block_size
+        scale = jnp.broadcast_to(scale, (rows, self.blocks, self.block_size))
+        scale = scale.reshape(rows, padded)[:, :cols]
+        codes = self._to_grid(q.codes).astype(jnp.int32)
+        return self._from_grid(self.map.decode(codes) * scale)
 
 
 @jax.tree_util.register_pytree_with_keys_class
