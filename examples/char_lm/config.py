@@ -86,7 +86,7 @@ class Config:
     """
 
     preset: str = "cpu"
-    steps: int = 600
+    steps: int = 500
     batch_size: int = 32
     context: int = 64
     accum: int = 1
@@ -214,7 +214,7 @@ class Config:
         return {k: v for k, v in dataclasses.asdict(self).items() if k not in NOT_TRAJECTORY}
 
 
-# The CPU preset is Config's defaults. The GPU preset: a ~10.7M-param model with a longer
+# The CPU preset is Config's defaults. The GPU preset: a ~10.8M-param model with a longer
 # context and bigger batches, for an accelerator.
 PRESETS: dict[str, dict] = {
     "cpu": {},

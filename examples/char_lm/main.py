@@ -61,7 +61,7 @@ def parse_args(argv: list[str] | None = None) -> Config:
         "--preset",
         choices=tuple(PRESETS),
         default="cpu",
-        help="cpu: the ~0.84M-param default; gpu: a ~10.7M-param model for an accelerator",
+        help="cpu: the ~0.84M-param default; gpu: a ~10.8M-param model for an accelerator",
     )
     for flag, _, kind, text in TUNED:
         p.add_argument(flag, type=kind, default=None, help=f"{text} (default: the preset's)")
