@@ -590,7 +590,9 @@ def test_torch_betas_are_checked(name, value):
 @pytest.mark.parametrize("which", ["mu_dtype", "nu_dtype"])
 @pytest.mark.parametrize("dtype", [jnp.int32, jnp.int8, bool, jnp.uint8, "int16", "not_a_dtype"])
 @pytest.mark.parametrize(
-    "factory", [adam_jax.adam, adam_jax.adamw, adam_jax.nadam, adam_jax.amsgrad], ids=str
+    "factory",
+    [adam_jax.adam, adam_jax.adamw, adam_jax.nadam, adam_jax.amsgrad],
+    ids=lambda f: f.__name__,
 )
 def test_integer_bool_and_bogus_storage_dtypes_are_rejected(factory, which, dtype):
     kwargs = {which: dtype}
