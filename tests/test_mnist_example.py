@@ -52,6 +52,7 @@ def tiny_config(out: Path, **overrides) -> config.Config:
         "warmup_epochs": 0.1,
         "out": str(out),
         "progress": False,
+        "quick_compile": True,
     }
     return dataclasses.replace(config.Config(), **{**base, **overrides})
 

@@ -85,6 +85,8 @@ class Config:
       kahan: with bfloat16 params, end the chain with ``adam_jax.kahan_summation()``.
       stochastic_rounding: with bfloat16 params, end the chain with
         ``adam_jax.stochastic_rounding(key)`` (the key derives from ``seed``).
+      quick_compile: compile the steps without XLA's backend optimizations (faster
+        compilation, slower steps; the tests use it).
     """
 
     epochs: int = 25
@@ -115,6 +117,7 @@ class Config:
     param_dtype: str = "float32"
     kahan: bool = False
     stochastic_rounding: bool = False
+    quick_compile: bool = False
 
     def __post_init__(self) -> None:
         if self.optimizer not in OPTIMIZERS:
