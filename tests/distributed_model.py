@@ -108,3 +108,12 @@ def bytes_on_device0(tree) -> int:
         for shard in leaf.addressable_shards
         if shard.device == device
     )
+
+
+def param_differences(params, reference) -> tuple[float, float]:
+    """(largest |difference| of an element, |difference| / |reference| over all params)."""
+    pairs = list(zip(jax.tree.leaves(params), jax.tree.leaves(reference), strict=True))
+    largest = max(float(np.max(np.abs(a - b))) for a, b in pairs)
+    norm = np.sqrt(sum(float(np.sum(np.square(a - b, dtype=np.float64))) for a, b in pairs))
+    ref_norm = np.sqrt(sum(float(np.sum(np.square(b, dtype=np.float64))) for _, b in pairs))
+    return largest, norm / ref_norm

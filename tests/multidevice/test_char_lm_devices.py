@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import dataclasses
 
-import jax
 import numpy as np
 import pytest
 
+from tests.distributed_model import param_differences
 from tests.test_char_lm_example import tiny_config
 from tests.test_char_lm_example import train as lm_train
 
@@ -21,15 +21,6 @@ from tests.test_char_lm_example import train as lm_train
 LR = 1e-2
 PARAM_NORM_TOLERANCE = 1e-4  # |params - one device's| / |one device's|, over all params
 LOSS_RTOL = 1e-5
-
-
-def differences(params, reference) -> tuple[float, float]:
-    """(largest |difference| of an element, |difference| / |reference| over all params)."""
-    pairs = list(zip(jax.tree.leaves(params), jax.tree.leaves(reference), strict=True))
-    largest = max(float(np.max(np.abs(a - b))) for a, b in pairs)
-    norm = np.sqrt(sum(float(np.sum(np.square(a - b, dtype=np.float64))) for a, b in pairs))
-    ref_norm = np.sqrt(sum(float(np.sum(np.square(b, dtype=np.float64))) for _, b in pairs))
-    return largest, norm / ref_norm
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +43,7 @@ def check_close(result, reference, what: str) -> None:
     np.testing.assert_allclose(got[:, 1], want[:, 1], rtol=LOSS_RTOL, err_msg=what)
     got, want = np.asarray(result.history["val"]), np.asarray(reference.history["val"])
     np.testing.assert_allclose(got[:, 1], want[:, 1], rtol=LOSS_RTOL, err_msg=what)
-    largest, relative = differences(result.params, reference.params)
+    largest, relative = param_differences(result.params, reference.params)
     print(f"{what}: max |param diff| {largest:.3g}, relative norm {relative:.3g}")
     assert largest < LR, what
     assert relative < PARAM_NORM_TOLERANCE, what

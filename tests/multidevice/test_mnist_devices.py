@@ -9,6 +9,7 @@ import jax
 import numpy as np
 import pytest
 
+from tests.distributed_model import param_differences
 from tests.test_mnist_example import tiny_config
 from tests.test_mnist_example import train as mnist_train
 
@@ -33,15 +34,6 @@ from tests.test_mnist_example import train as mnist_train
 #   init is 0.45 away.
 MAX_PARAM_DIFF = 3e-3  # the lr of tiny_config
 PARAM_NORM_TOLERANCE = 1e-4  # |params - one device's| / |one device's|, over all params
-
-
-def param_differences(params, reference) -> tuple[float, float]:
-    """(largest |difference| of an element, |difference| / |reference| over all params)."""
-    pairs = list(zip(jax.tree.leaves(params), jax.tree.leaves(reference), strict=True))
-    largest = max(float(np.max(np.abs(a - b))) for a, b in pairs)
-    norm = np.sqrt(sum(float(np.sum(np.square(a - b, dtype=np.float64))) for a, b in pairs))
-    ref_norm = np.sqrt(sum(float(np.sum(np.square(b, dtype=np.float64))) for _, b in pairs))
-    return largest, norm / ref_norm
 
 
 @pytest.fixture(scope="module")

@@ -20,6 +20,7 @@ from jax.sharding import PartitionSpec as P
 
 import adam_jax
 from adam_jax import _storage as storage
+from tests.distributed_model import bytes_on_device0
 
 FORMATS = ["8bit", "4bit"]
 STEPS = 4
@@ -77,16 +78,6 @@ def _assert_equal(got, want, exact=("w", "e")):
             np.testing.assert_array_equal(np.asarray(got[k]), np.asarray(want[k]), err_msg=k)
 
 
-def _bytes_on_device0(tree) -> int:
-    device = jax.devices()[0]
-    return sum(
-        s.data.nbytes
-        for x in jax.tree.leaves(tree)
-        for s in x.addressable_shards
-        if s.device == device
-    )
-
-
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_fsdp_leaf_keeps_codes_and_scales_sharded_and_equals_one_device(fmt):
     mesh = _mesh()
@@ -106,11 +97,11 @@ def test_fsdp_leaf_keeps_codes_and_scales_sharded_and_equals_one_device(fmt):
                 shard = a.addressable_shards[0].data.shape
                 assert shard[0] * 8 == a.shape[0], (name, a.shape, shard)
         assert not storage.is_quantized(moment["b"])
-    one = _bytes_on_device0(want_state)
-    eight = _bytes_on_device0(state)
+    one = bytes_on_device0(want_state)
+    eight = bytes_on_device0(state)
     # b's float32 moments (2 x 4 KiB), the count and 4-bit's column maxima stay whole.
     replicated = sum(
-        _bytes_on_device0(x)
+        bytes_on_device0(x)
         for x in jax.tree.leaves(state)
         if all(s is None for s in x.sharding.spec)
     )
