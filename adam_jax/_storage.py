@@ -7,17 +7,26 @@ unquantized moments. This module holds the encode/decode half only.
 
 Formats (``moments=`` on every constructor):
 
-* ``"8bit"`` (bitsandbytes-style blockwise dynamic quantization; Dettmers et
-  al., 2022, arXiv:2110.02861): blocks of 256 values with an fp32 scale each;
-  ``mu`` on the signed dynamic map, ``nu`` on the unsigned one (both
-  ``bitsandbytes.functional.create_dynamic_map``), stored as ``sqrt(nu)``: a
-  ``nu`` 1e-8 times its block's largest no longer rounds to 0 (``m / (0 + eps)``
-  is what made torchao's AdamW8bit diverge on mixed-scale gradients).
+* ``"8bit"``: blockwise quantization in the style of bitsandbytes (Dettmers et
+  al., 2022, arXiv:2110.02861): blocks of 256 values with an fp32 scale each
+  (the block's largest finite magnitude), codes on a small float format read
+  straight from float32's bits (:class:`FloatMap`): ``mu`` signed with 4 exponent
+  and 3 mantissa bits (``2**-16 .. 1`` of the block's scale), ``sqrt(nu)``
+  unsigned with 4 exponent and 4 mantissa bits (``2**-16 .. 1``, so ``nu`` spans
+  ``2**-32``). Storing ``sqrt(nu)`` keeps a ``nu`` 1e-8 times its block's largest
+  off code 0 (``m / (0 + eps)`` is what made torchao's AdamW8bit diverge on
+  mixed-scale gradients). bitsandbytes' own dynamic maps are
+  ``QuantizedMoments(bits=8, mu_map="dynamic", nu_map="dynamic")``: more precise
+  next to the block's largest value, but their codec costs about 30 selects per
+  value, and the step on CPU is 3-4x the fp32 step instead of under 2x
+  (BUILD_NOTES, "8-bit codec").
 * ``"4bit"`` (Li, Chen & Zhu, NeurIPS 2023, arXiv:2309.01507): ``nu`` with
   rank-1 normalization (each value divided by the minimum of its row's and
   its column's maximum; for n-D leaves the minimum of the per-axis maxima) on
-  the linear map that excludes zero, ``(i + 1) / 16``; ``mu`` on the signed
-  4-bit dynamic map, also rank-1 normalized (signed extremes) by default; the
+  the linear map that excludes zero, ``(i + 1) / 16``; ``mu`` rank-1 normalized
+  too by default, on a 4-bit float map (sign, 2 exponent bits, 1 mantissa bit:
+  ``0, 0.125 .. 1``), which tracked fp32 Adam more closely than the paper's
+  signed 4-bit dynamic map (``mu_map="dynamic"``) on every stream measured. The
   paper's blocks of 128 for ``mu`` are ``QuantizedMoments(bits=4,
   mu_norm="block")`` (on gradients whose scale varies by column, a block mixes
   scales and a small ``mu`` sticks at the map's smallest code, stepping 3x
@@ -25,12 +34,13 @@ Formats (``moments=`` on every constructor):
   both. Two codes per byte.
 * :class:`QuantizedMoments` for custom settings.
 
-Codecs are arithmetic, not table searches: the dynamic map is
-``sign * 10**-e * fraction`` with a linear fraction in each decade, so a code
-is found from a few compares against the decade edges and one multiply, and
-a value is decoded from the code's float32 bits; everything vectorizes, and
-no gather sits in the fused step (a gather in an XLA:CPU loop fusion
-scalarizes the loop). The codes are the round-to-nearest codes of the
+Codecs are arithmetic, not table searches, and no gather sits in the fused step
+(a gather in an XLA:CPU loop fusion scalarizes the loop). The float maps round
+by adding half a unit of the kept mantissa to the float32 bits and shifting;
+they decode with a shift and an add. The dynamic map is ``sign * 10**-e *
+fraction`` with a linear fraction in each decade, so a code is found from a few
+compares against the decade edges and one multiply, and a value is decoded from
+the code's float32 bits; its codes are the round-to-nearest codes of the
 bitsandbytes table (tested against ``torch.bucketize`` on its midpoints).
 
 Layout: a leaf of shape ``(d0, d1, ...)`` is a grid of ``d0`` rows of
@@ -311,6 +321,84 @@ class LinearMap:
         return (np.arange(2**self.bits, dtype=np.float32) + 1) / np.float32(2**self.bits)
 
 
+@dataclasses.dataclass(frozen=True)
+class FloatMap:
+    """A small float format on ``[0, 1]`` (or ``[-1, 1]``), coded from float32's own bits.
+
+    ``mantissa`` bits of mantissa and the rest of the ``bits - signed`` magnitude
+    bits of exponent, no subnormals; magnitude code ``c`` (``1 .. top``,
+    ``top = 2**(bits - signed) - 1``) is the float32 whose bits are
+    ``(c + offset) << (23 - mantissa)``, ``offset = (127 << mantissa) - top``, so
+    the top code is exactly 1.0 and code 0 is 0. Signed codes put the sign in the
+    top bit (sign-magnitude).
+
+    8 bits, signed, 3 mantissa bits (``mu``): magnitudes ``2**-16 * 1.25 .. 1``,
+    relative spacing 1/8 (worst relative rounding error 1/16) at every scale.
+    8 bits, unsigned, 3 mantissa bits (``sqrt(nu)``): ``2**-32 * 1.25 .. 1``.
+
+    Encode is round to nearest (ties away from zero) on the magnitude: adding half
+    a unit of the kept mantissa to the float32 bits carries into the exponent
+    exactly where rounding does. Decode is a shift and an add. Both are a handful
+    of integer operations that vectorize, against about 30 selects per value
+    for :class:`DynamicMap`: this is what makes ``moments="8bit"`` a memory-bound
+    step on CPU (BUILD_NOTES, "8-bit codec").
+    """
+
+    signed: bool
+    bits: int = 8
+    mantissa: int = 3
+
+    @property
+    def magnitude_bits(self) -> int:
+        return self.bits - (1 if self.signed else 0)
+
+    @property
+    def top(self) -> int:
+        """Magnitude code of 1.0 (the largest)."""
+        return 2**self.magnitude_bits - 1
+
+    @property
+    def offset(self) -> int:
+        return (127 << self.mantissa) - self.top
+
+    @property
+    def smallest(self) -> float:
+        """The smallest nonzero magnitude (code 1)."""
+        return float(np.int32((self.offset + 1) << (23 - self.mantissa)).view(np.float32))
+
+    def encode(self, x: jax.Array) -> jax.Array:
+        """Nearest code (int32) of normalized ``x`` (in [-1, 1] signed, [0, 1] unsigned)."""
+        magnitude = jnp.abs(x) if self.signed else x
+        shift = 23 - self.mantissa
+        bits = jax.lax.bitcast_convert_type(magnitude, jnp.int32)
+        code = jnp.clip(((bits + (1 << (shift - 1))) >> shift) - self.offset, 1, self.top)
+        if self.signed:
+            code = code | ((x < 0).astype(jnp.int32) << self.magnitude_bits)
+        # Below the smallest value: the nearer of 0 and it (0 is always code 0, never
+        # a negative zero); NaN is 0 (the compare is false); +-inf is +-1.0 (the clip).
+        return jnp.where(magnitude >= np.float32(self.smallest / 2), code, 0)
+
+    def decode(self, codes: jax.Array) -> jax.Array:
+        """Float32 values of int32 ``codes``."""
+        magnitude = codes & self.top if self.signed else codes
+        bits = (magnitude + self.offset) << (23 - self.mantissa)
+        if self.signed:
+            bits = bits | ((codes >> self.magnitude_bits) << 31)
+        value = jax.lax.bitcast_convert_type(bits, jnp.float32)
+        return jnp.where(magnitude == 0, _f32(0.0), value)
+
+    def table(self) -> np.ndarray:
+        """Every code's value, indexed by code (not sorted when signed)."""
+        codes = np.arange(2**self.bits, dtype=np.int64)
+        magnitude = codes & self.top
+        bits = ((magnitude + self.offset) << (23 - self.mantissa)).astype(np.int32)
+        value = bits.view(np.float32)
+        value = np.where(magnitude == 0, np.float32(0), value)
+        if self.signed:
+            value = np.where(codes >> self.magnitude_bits, -value, value)
+        return value.astype(np.float32)
+
+
 # ----------------------------------------------------------------------------- layouts
 
 
@@ -466,6 +554,21 @@ class Codec:
                 scale = jnp.minimum(scale, b)
         return jnp.broadcast_to(scale, self.shape)
 
+    def _unsign(self, extreme: jax.Array) -> jax.Array:
+        """A scale from a signed extreme: its magnitude on a map that holds -1.0
+        (:class:`FloatMap`), where a block may decode to both +-scale and a signed
+        scale could flip on re-encoding; the signed extreme itself on the signed
+        :class:`DynamicMap`, which has no -1.0. (The signed extreme is what XLA:CPU
+        computes fast: a variadic max/min reduction; a lone max is a slow library
+        call.)"""
+        return jnp.abs(extreme) if isinstance(self.map, FloatMap) else extreme
+
+    def _saturate(self, x: jax.Array, extreme: jax.Array) -> jax.Array:
+        """:func:`_saturate_non_finite`, unless the map does it itself: :class:`FloatMap`
+        codes NaN as 0 and +-inf as +-1.0 (the scale) for free; the selects cost
+        a fifth of the 8-bit step."""
+        return x if isinstance(self.map, FloatMap) else _saturate_non_finite(x, extreme)
+
     # -- encode / decode of a params-shaped float32 moment
 
     def encode(self, x: jax.Array) -> "QuantizedArray":
@@ -478,23 +581,25 @@ class Codec:
         unroot = (lambda y: y * y) if self.root else (lambda y: y)
         if self.norm == "rank1":
             nd = len(self.shape)
-            maxima = tuple(root(_axis_extreme(_finite_or_zero(x), axis)) for axis in range(nd))
+            maxima = tuple(
+                root(self._unsign(_axis_extreme(_finite_or_zero(x), axis))) for axis in range(nd)
+            )
             scale = self._rank1_scale(maxima)
             inv = jnp.where(scale == 0, _f32(0.0), _f32(1.0) / jnp.where(scale == 0, 1, scale))
-            x = _saturate_non_finite(x, unroot(jnp.abs(scale)))
+            x = self._saturate(x, unroot(jnp.abs(scale)))
             stored = self._quantize(self._to_grid(root(x)), self._to_grid(inv))
             return QuantizedArray(stored, maxima, self)
         if self._partial_blocks:
             return self._encode_partial_blocks(x, root)
         xb = self._blocked(self._to_grid(x))
         # The block's scale carries the sign of its largest-magnitude value, which
-        # then maps to +1.0 exactly (the signed table has no -1.0): the block's
-        # extreme value is stored exactly, and re-encoding decoded values gives
-        # the same codes and scales.
-        extreme = _signed_absmax(_finite_or_zero(xb), (2,))
+        # then maps to +1.0 exactly (the signed dynamic table has no -1.0): the
+        # block's extreme value is stored exactly, and re-encoding decoded values
+        # gives the same codes and scales.
+        extreme = self._unsign(_signed_absmax(_finite_or_zero(xb), (2,)))
         scale = root(extreme)
         inv = jnp.where(scale == 0, _f32(0.0), _f32(1.0) / jnp.where(scale == 0, 1, scale))
-        xb = _saturate_non_finite(xb, jnp.abs(extreme)[..., None])
+        xb = self._saturate(xb, jnp.abs(extreme)[..., None])
         stored = self._quantize(root(xb), inv[..., None])
         return QuantizedArray(stored, (scale[:, 0] if len(self.shape) < 2 else scale,), self)
 
@@ -544,10 +649,10 @@ class Codec:
         """:meth:`encode` for ``norm="block"`` when rows end in a partial block."""
         codes, scales = [], []
         for xb in self._grid_parts(self._to_grid(x)):
-            extreme = _signed_absmax(_finite_or_zero(xb), (2,))
+            extreme = self._unsign(_signed_absmax(_finite_or_zero(xb), (2,)))
             scale = root(extreme)
             inv = jnp.where(scale == 0, _f32(0.0), _f32(1.0) / jnp.where(scale == 0, 1, scale))
-            xb = _saturate_non_finite(xb, jnp.abs(extreme)[..., None])
+            xb = self._saturate(xb, jnp.abs(extreme)[..., None])
             part = self.map.encode(root(xb) * inv[..., None]).astype(jnp.uint8)
             codes.append(part.reshape(part.shape[0], -1))
             scales.append(scale)
@@ -679,6 +784,14 @@ def logical_view(tree: Any) -> Any:
 # ----------------------------------------------------------------------------- formats
 
 
+#: Mantissa bits of the float maps (``mu_map``/``nu_map="float"``), by moment and bits.
+#: 8-bit ``mu``: 3 (4 exponent bits: 2**-16 .. 1); 8-bit ``sqrt(nu)``: 4 (16 octaves);
+#: 4-bit ``mu``: 1 (0.125 .. 1). Chosen on the streams of BUILD_NOTES "8-bit codec":
+#: more mantissa for ``mu`` lost the small values of mixed-scale blocks (error
+#: 0.058 -> 0.18); 3 for ``sqrt(nu)`` was worse everywhere than 4.
+_FLOAT_MANTISSA = {("mu", 8): 3, ("nu", 8): 4, ("mu", 4): 1}
+
+
 @dataclasses.dataclass(frozen=True)
 class QuantizedMoments:
     """Quantized storage for ``mu`` and ``nu`` (``moments=`` of every constructor).
@@ -693,10 +806,14 @@ class QuantizedMoments:
         (leading axis, everything else); 1-D leaves are cut into blocks.
       min_size: leaves with fewer elements keep float32 moments (4096, as in
         bitsandbytes and torchao).
+      mu_map: ``"float"`` (default: :class:`FloatMap`, sign + 4 exponent + 3 mantissa
+        bits for 8-bit, sign + 2 + 1 for 4-bit) or ``"dynamic"`` (bitsandbytes'
+        signed dynamic map, :class:`DynamicMap`).
       mu_norm: ``"block"`` (8-bit default) or ``"rank1"`` (4-bit default: signed
         per-axis extremes); 1-D leaves use blocks of ``block_size``.
-      nu_map: ``"dynamic"`` (unsigned dynamic map; 8-bit default) or
-        ``"linear"`` (``(i + 1) / 2**bits``, no zero; 4-bit default).
+      nu_map: ``"float"`` (8-bit default: 4 exponent + 4 mantissa bits),
+        ``"dynamic"`` (bitsandbytes' unsigned dynamic map) or ``"linear"``
+        (``(i + 1) / 2**bits``, no zero; 4-bit default).
       nu_norm: ``"block"`` (8-bit default) or ``"rank1"`` (4-bit default;
         1-D leaves use blocks of ``block_size``).
       nu_root: store ``sqrt(nu)`` (8-bit default: True), halving the dynamic
@@ -715,6 +832,7 @@ class QuantizedMoments:
     bits: int = 8
     block_size: int | None = None
     min_size: int = 4096
+    mu_map: str | None = None
     mu_norm: str | None = None
     nu_map: str | None = None
     nu_norm: str | None = None
@@ -727,8 +845,9 @@ class QuantizedMoments:
         eight = self.bits == 8
         defaults = dict(
             block_size=256 if eight else 128,
+            mu_map="float",
             mu_norm="block" if eight else "rank1",
-            nu_map="dynamic" if eight else "linear",
+            nu_map="float" if eight else "linear",
             nu_norm="block" if eight else "rank1",
             nu_root=eight,
         )
@@ -743,10 +862,17 @@ class QuantizedMoments:
         ms = self.min_size
         if isinstance(ms, bool) or not isinstance(ms, int) or ms < 1:
             raise ValueError(f"QuantizedMoments: min_size must be an int >= 1, got {ms!r}.")
-        if self.nu_map not in ("dynamic", "linear"):
+        if self.mu_map not in ("dynamic", "float"):
             raise ValueError(
-                f"QuantizedMoments: nu_map must be 'dynamic' or 'linear', got {self.nu_map!r}."
+                f"QuantizedMoments: mu_map must be 'dynamic' or 'float', got {self.mu_map!r}."
             )
+        if self.nu_map not in ("dynamic", "linear", "float"):
+            raise ValueError(
+                "QuantizedMoments: nu_map must be 'dynamic', 'linear' or 'float', "
+                f"got {self.nu_map!r}."
+            )
+        if self.nu_map == "float" and self.bits != 8:
+            raise ValueError(f"QuantizedMoments: nu_map='float' needs bits=8, got {self.bits}.")
         for name in ("mu_norm", "nu_norm"):
             if getattr(self, name) not in ("block", "rank1"):
                 raise ValueError(
@@ -774,11 +900,19 @@ class QuantizedMoments:
     def mu_codec(self, shape) -> Codec:
         shape = tuple(shape)
         norm = self.mu_norm if len(shape) >= 2 else "block"
-        return Codec(shape, DynamicMap(True, self.bits), norm, self.block_size)
+        if self.mu_map == "float":
+            vmap = FloatMap(True, self.bits, _FLOAT_MANTISSA["mu", self.bits])
+        else:
+            vmap = DynamicMap(True, self.bits)
+        return Codec(shape, vmap, norm, self.block_size)
 
     def nu_codec(self, shape) -> Codec:
         shape = tuple(shape)
-        vmap = DynamicMap(False, self.bits) if self.nu_map == "dynamic" else LinearMap(self.bits)
+        vmap = {
+            "dynamic": lambda: DynamicMap(False, self.bits),
+            "linear": lambda: LinearMap(self.bits),
+            "float": lambda: FloatMap(False, 8, _FLOAT_MANTISSA["nu", 8]),
+        }[self.nu_map]()
         norm = self.nu_norm if len(shape) >= 2 else "block"
         return Codec(shape, vmap, norm, self.block_size, root=self.nu_root)
 

@@ -75,6 +75,12 @@ def _ours() -> dict[str, tuple[str, Any, Callable[..., optax.GradientTransformat
     return {
         "fp32": ("adam_jax.adamw, fp32 params and moments", jnp.float32, lambda t: adamw(t)),
         "8bit": ("adamw(moments='8bit')", jnp.float32, lambda t: adamw(t, moments="8bit")),
+        "8bit_bnb_maps": (
+            "adamw(moments=QuantizedMoments(bits=8, mu_map='dynamic', nu_map='dynamic')): "
+            "bitsandbytes' dynamic maps",
+            jnp.float32,
+            lambda t: adamw(t, moments=BNB_MAPS),
+        ),
         "4bit": ("adamw(moments='4bit')", jnp.float32, lambda t: adamw(t, moments="4bit")),
         "bf16_kahan": (
             "bf16 params, bf16 moments (adamw's default), kahan_summation()",
@@ -94,6 +100,7 @@ def _ours() -> dict[str, tuple[str, Any, Callable[..., optax.GradientTransformat
     }
 
 
+BNB_MAPS = adam_jax.QuantizedMoments(bits=8, mu_map="dynamic", nu_map="dynamic")
 OURS = _ours()
 
 

@@ -80,6 +80,59 @@ def test_encode_is_round_to_nearest_and_decode_inverts_it(vmap):
     np.testing.assert_array_equal(back, np.arange(len(table)))
 
 
+FLOAT_MAPS = [
+    storage.FloatMap(True, 8, 3),
+    storage.FloatMap(False, 8, 4),
+    storage.FloatMap(False, 8, 3),
+    storage.FloatMap(True, 4, 1),
+]
+
+
+@pytest.mark.parametrize("vmap", FLOAT_MAPS, ids=lambda m: f"{_map_id(m)}-m{m.mantissa}")
+def test_float_map_is_round_to_nearest_and_exact_on_its_values(vmap):
+    """Nearest value of the table (by brute force over every code), the top code is
+    exactly 1.0, decode(encode(v)) == v for every table value, no negative zero,
+    NaN -> 0 and +-inf -> +-1.0 (the block's scale)."""
+    table = vmap.table()
+    assert table[vmap.top] == 1.0 and table[0] == 0.0
+    x = _mixed_scale_values(20_000, vmap.signed, seed=5)
+    codes = np.asarray(jax.jit(vmap.encode)(x))
+    decoded = np.asarray(jax.jit(vmap.decode)(jnp.asarray(codes)))
+    np.testing.assert_array_equal(decoded, table[codes])
+    best = np.min(np.abs(x[:, None] - table[None, :]), axis=1)
+    assert np.all(np.abs(decoded - x) <= best * (1 + 1e-6) + 1e-38)
+    # Relative spacing: 2**-mantissa; worst relative rounding error half of that,
+    # above the smallest value.
+    big = np.abs(x) >= vmap.smallest
+    rel = np.abs(decoded[big] - x[big]) / np.abs(x[big])
+    assert rel.max() <= 2.0 ** -(vmap.mantissa + 1) * (1 + 1e-6)
+    values = np.asarray(jax.jit(vmap.decode)(jnp.arange(2**vmap.bits)))
+    np.testing.assert_array_equal(values, table)
+    back = np.asarray(jax.jit(vmap.encode)(values))
+    np.testing.assert_array_equal(table[back], table)
+    assert not np.any((codes != 0) & (decoded == 0))  # 0 is only ever code 0
+    special = jnp.asarray([np.nan, np.inf, -np.inf], jnp.float32)
+    got = np.asarray(vmap.decode(vmap.encode(special)))
+    np.testing.assert_array_equal(got, [0.0, 1.0, -1.0 if vmap.signed else 0.0])
+
+
+def test_default_maps_are_the_float_maps_and_the_bitsandbytes_maps_stay_selectable():
+    eight = storage.PRESETS["8bit"]
+    assert eight.mu_codec((64, 512)).map == storage.FloatMap(True, 8, 3)
+    assert eight.nu_codec((64, 512)).map == storage.FloatMap(False, 8, 4)
+    assert eight.nu_codec((64, 512)).root
+    four = storage.PRESETS["4bit"]
+    assert four.mu_codec((64, 512)).map == storage.FloatMap(True, 4, 1)
+    assert four.nu_codec((64, 512)).map == storage.LinearMap(4)
+    bnb = adam_jax.QuantizedMoments(bits=8, mu_map="dynamic", nu_map="dynamic")
+    assert bnb.mu_codec((64, 512)).map == storage.DynamicMap(True, 8)
+    assert bnb.nu_codec((64, 512)).map == storage.DynamicMap(False, 8)
+    with pytest.raises(ValueError, match="nu_map='float' needs bits=8"):
+        adam_jax.QuantizedMoments(bits=4, nu_map="float")
+    with pytest.raises(ValueError, match="mu_map must be"):
+        adam_jax.QuantizedMoments(mu_map="linear")
+
+
 def test_round_trip_error_bounds_per_map():
     """Worst relative error on [0.1, 1] (the top decade) and the smallest nonzero value."""
     x = np.linspace(0.1, 1.0, 100_001, dtype=np.float32)
@@ -638,8 +691,15 @@ def test_nnx_optimizer_trains_like_bare_params(fmt):
             nnx_state = nnx_step(nnx_state)
     model, optimizer = nnx.merge(graphdef, nnx_state)
     got = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    # The nnx and plain programs are compiled differently (eager, and one jit around
+    # merge/grad/update), so a moment within an ulp of a rounding midpoint may take
+    # the other code in one of them, and its effect spreads a little through the
+    # loss (one 4-bit code is up to a third of its value); state mishandled by nnx
+    # (reset, flattened, stale) moves most params by ~lr (1e-2) per step.
     for k in ("kernel", "bias"):
-        np.testing.assert_allclose(got[k], params[k], rtol=1e-5, atol=1e-7)
+        close = np.isclose(got[k], params[k], rtol=1e-5, atol=1e-7)
+        assert close.mean() >= 0.97, (k, close.mean())
+        np.testing.assert_allclose(got[k], params[k], rtol=0, atol=5e-3)
     mu = nnx.as_pure(optimizer.opt_state)[0].mu["kernel"]
     assert storage.is_quantized(mu) and mu.codes.dtype == jnp.uint8
     assert int(nnx.as_pure(optimizer.opt_state)[0].count) == 6
