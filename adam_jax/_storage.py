@@ -11,15 +11,14 @@ Formats (``moments=`` on every constructor):
   al., 2022, arXiv:2110.02861): blocks of 256 values with an fp32 scale each
   (the block's largest finite magnitude), codes on a small float format read
   straight from float32's bits (:class:`FloatMap`): ``mu`` signed with 4 exponent
-  and 3 mantissa bits (``2**-16 .. 1`` of the block's scale), ``sqrt(nu)``
-  unsigned with 4 exponent and 4 mantissa bits (``2**-16 .. 1``, so ``nu`` spans
-  ``2**-32``). Storing ``sqrt(nu)`` keeps a ``nu`` 1e-8 times its block's largest
-  off code 0 (``m / (0 + eps)`` is what made torchao's AdamW8bit diverge on
-  mixed-scale gradients). bitsandbytes' own dynamic maps are
-  ``QuantizedMoments(bits=8, mu_map="dynamic", nu_map="dynamic")``: more precise
-  next to the block's largest value, but their codec costs about 30 selects per
-  value, and the step on CPU is 3-4x the fp32 step instead of under 2x
-  (BUILD_NOTES, "8-bit codec").
+  and 3 mantissa bits (``2**-16 .. 1`` of the block's scale), ``nu`` unsigned with
+  5 exponent and 3 mantissa bits (``2**-32 .. 1``): a ``nu`` 1e-8 times its
+  block's largest stays off code 0 (``m / (0 + eps)`` is what made torchao's
+  AdamW8bit diverge on mixed-scale gradients). bitsandbytes' own dynamic maps
+  are ``QuantizedMoments(bits=8, mu_map="dynamic", nu_map="dynamic")`` (``nu``
+  stored as ``sqrt(nu)`` there, for range): more precise next to the block's
+  largest value, but their codec costs about 30 selects per value, and the step
+  on CPU is 4-5x the fp32 step instead of under 2x (BUILD_NOTES, "8-bit codec").
 * ``"4bit"`` (Li, Chen & Zhu, NeurIPS 2023, arXiv:2309.01507): ``nu`` with
   rank-1 normalization (each value divided by the minimum of its row's and
   its column's maximum; for n-D leaves the minimum of the per-axis maxima) on
@@ -334,7 +333,7 @@ class FloatMap:
 
     8 bits, signed, 3 mantissa bits (``mu``): magnitudes ``2**-16 * 1.25 .. 1``,
     relative spacing 1/8 (worst relative rounding error 1/16) at every scale.
-    8 bits, unsigned, 3 mantissa bits (``sqrt(nu)``): ``2**-32 * 1.25 .. 1``.
+    8 bits, unsigned, 3 mantissa bits (``nu``): ``2**-32 * 1.25 .. 1``.
 
     Encode is round to nearest (ties away from zero) on the magnitude: adding half
     a unit of the kept mantissa to the float32 bits carries into the exponent
@@ -785,11 +784,12 @@ def logical_view(tree: Any) -> Any:
 
 
 #: Mantissa bits of the float maps (``mu_map``/``nu_map="float"``), by moment and bits.
-#: 8-bit ``mu``: 3 (4 exponent bits: 2**-16 .. 1); 8-bit ``sqrt(nu)``: 4 (16 octaves);
-#: 4-bit ``mu``: 1 (0.125 .. 1). Chosen on the streams of BUILD_NOTES "8-bit codec":
-#: more mantissa for ``mu`` lost the small values of mixed-scale blocks (error
-#: 0.058 -> 0.18); 3 for ``sqrt(nu)`` was worse everywhere than 4.
-_FLOAT_MANTISSA = {("mu", 8): 3, ("nu", 8): 4, ("mu", 4): 1}
+#: 8-bit ``mu``: 3 (4 exponent bits: 2**-16 .. 1); 8-bit ``nu``: 3 (5 exponent bits:
+#: 2**-32 .. 1, the range and precision of ``sqrt(nu)`` on 4 + 4 bits, without a
+#: ``sqrt``); 4-bit ``mu``: 1 (0.125 .. 1). Chosen on the streams of BUILD_NOTES
+#: "8-bit codec": more mantissa for ``mu`` lost the small values of mixed-scale blocks
+#: (error 0.058 -> 0.18).
+_FLOAT_MANTISSA = {("mu", 8): 3, ("nu", 8): 3, ("mu", 4): 1}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -811,13 +811,15 @@ class QuantizedMoments:
         signed dynamic map, :class:`DynamicMap`).
       mu_norm: ``"block"`` (8-bit default) or ``"rank1"`` (4-bit default: signed
         per-axis extremes); 1-D leaves use blocks of ``block_size``.
-      nu_map: ``"float"`` (8-bit default: 4 exponent + 4 mantissa bits),
+      nu_map: ``"float"`` (8-bit default: 5 exponent + 3 mantissa bits),
         ``"dynamic"`` (bitsandbytes' unsigned dynamic map) or ``"linear"``
         (``(i + 1) / 2**bits``, no zero; 4-bit default).
       nu_norm: ``"block"`` (8-bit default) or ``"rank1"`` (4-bit default;
         1-D leaves use blocks of ``block_size``).
-      nu_root: store ``sqrt(nu)`` (8-bit default: True), halving the dynamic
-        range the map must cover.
+      nu_root: store ``sqrt(nu)``, halving the dynamic range the map must cover
+        (default: True on the 8-bit dynamic map; the 8-bit float map spans
+        ``2**-32`` of a block's largest ``nu`` as it is, and the square root would
+        cost a ``sqrt`` per value in the step's loops).
       clip: clip each element's update to fp32 Adam's largest possible step
         (:func:`step_bound`; default True).
 
@@ -849,11 +851,12 @@ class QuantizedMoments:
             mu_norm="block" if eight else "rank1",
             nu_map="float" if eight else "linear",
             nu_norm="block" if eight else "rank1",
-            nu_root=eight,
         )
         for name, value in defaults.items():
             if getattr(self, name) is None:
                 object.__setattr__(self, name, value)
+        if self.nu_root is None:  # sqrt(nu) on the 8-bit dynamic map (its range is 1e-7)
+            object.__setattr__(self, "nu_root", eight and self.nu_map == "dynamic")
         bs = self.block_size
         if isinstance(bs, bool) or not isinstance(bs, int) or bs < 2 or bs & (bs - 1):
             raise ValueError(
