@@ -535,6 +535,35 @@ def test_state_to_tree_decodes_and_state_from_tree_reencodes_bitwise(fmt):
     assert _leaves_equal(adam_jax.state_to_tree(moved), tree)
 
 
+def test_a_state_on_bitsandbytes_maps_moves_to_the_float_maps():
+    """An 8-bit state written with ``mu_map="dynamic", nu_map="dynamic"`` (the default
+    before the float maps) continues on the float maps through the portable tree: the
+    moments re-encoded to within the float maps' rounding (1/16 relative, and the
+    smallest code), the step count kept."""
+    params = {"w": jnp.ones((32, 512)), "v": jnp.ones((8192,))}
+    old = adam_jax.adamw(
+        1e-3, moments=adam_jax.QuantizedMoments(mu_map="dynamic", nu_map="dynamic")
+    )
+    state = old.init(params)
+    for seed in range(3):
+        _, state = jax.jit(old.update)(_grads(params, seed), state, params)
+    tree = adam_jax.state_to_tree(state)
+    new = adam_jax.adamw(1e-3, moments="8bit")
+    moved = adam_jax.state_from_tree(tree, like=jax.eval_shape(new.init, params))
+    assert moved[0].mu["w"].codec.map == storage.FloatMap(True, 8, 3)
+    assert int(moved[0].count) == 3
+    back = adam_jax.state_to_tree(moved)
+    for field in ("mu", "nu"):
+        for name in params:
+            want = np.asarray(getattr(tree[0], field)[name])
+            got = np.asarray(getattr(back[0], field)[name])
+            assert np.all((np.sign(got) == np.sign(want)) | (got == 0))
+            tol = np.abs(want) / 16 + 2e-5 * np.abs(want).max()
+            assert np.all(np.abs(got - want) <= tol), (field, name)
+    _, stepped = jax.jit(new.update)(_grads(params, 9), moved, params)
+    assert int(stepped[0].count) == 4
+
+
 def test_moments_from_an_optax_state():
     """An fp32 optax state continues as a quantized one (encoded on the way in)."""
     opt = optax.adamw(1e-3)
