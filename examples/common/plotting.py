@@ -23,19 +23,22 @@ class Series(NamedTuple):
 
 
 class Panel(NamedTuple):
-    """One axes: its lines, title, axis labels and optional ``ax.set`` keywords."""
+    """One axes: its lines, title, axis labels, optional ``ax.set`` keywords and whether
+    the x ticks are integers only (epochs)."""
 
     series: Sequence[Series]
     title: str
     xlabel: str
     ylabel: str
     options: dict[str, Any] | None = None
+    integer_x: bool = False
 
 
 def plot_panels(path: Path, panels: Sequence[Panel], title: str, *, width: float = 5.0) -> None:
     """Saves ``panels`` side by side as a PNG at ``path``."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
 
     fig = Figure(figsize=(width * len(panels), 4), layout="constrained")
     FigureCanvasAgg(fig)
@@ -47,6 +50,8 @@ def plot_panels(path: Path, panels: Sequence[Panel], title: str, *, width: float
         ax.grid(alpha=0.3)
         if any(s.label for s in panel.series):
             ax.legend()
+        if panel.integer_x:
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     fig.suptitle(title)
     fig.savefig(path, dpi=110)
 

@@ -17,13 +17,16 @@ moment shaped like its param), so ``--resume`` also continues on another device 
 with or without ZeRO-1, and with the other ``--optimizer`` (to float32 rounding of the
 uninterrupted run; the state is restored into this run's shardings and converted by
 ``adam_jax.state_from_tree`` / ``from_optax_state`` / ``to_optax_state``).
+
+The checkpoint, ``--out``, error, metrics and plotting helpers are ``examples/common``'s
+(shared with ``examples/char_lm``); what stays here is MNIST's own: the RNG state and
+epoch in each checkpoint, the ``settings.json`` layout record, the per-epoch progress bar.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import shutil
 import time
 from collections.abc import Callable
 from functools import partial
@@ -35,6 +38,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import orbax.checkpoint as ocp
+from common import checkpoints
+from common.errors import DivergedError, ResumeError, RunError, SetupError
+from common.plotting import Panel, Series, plot_panels, write_json
+from common.progress import log
 from flax import nnx
 from tqdm import tqdm
 
@@ -45,27 +52,21 @@ from .config import RESUMABLE_CHANGES, Config
 from .data import Dataset, load_dataset
 from .model import CNN, random_shift
 
+# The errors are examples/common's, importable from here as before (main.py catches RunError).
+__all__ = [
+    "DivergedError",
+    "ResumeError",
+    "RunError",
+    "SetupError",
+    "TrainResult",
+    "train_and_evaluate",
+]
+
 LOG_EVERY = 10  # steps between updates of the progress bar's running loss
-CHECKPOINTS = "checkpoints"  # directory in --out
+CHECKPOINTS = checkpoints.CHECKPOINTS  # directory in --out
 SETTINGS_FILE = "settings.json"  # in CHECKPOINTS: the layout of the run that started them
 LAYOUT_FREE = "layout-free"  # settings.json "state": the optimizer state is saved params-shaped
 OUTPUTS = (CHECKPOINTS, "metrics.json", "curves.png")  # what a run writes in --out
-
-
-class RunError(Exception):
-    """A run cannot start or go on for a reason the user can fix; ``main`` prints one line."""
-
-
-class SetupError(RunError, ValueError):
-    """``--out``, the data or the devices do not fit the settings; nothing was trained."""
-
-
-class ResumeError(RunError, ValueError):
-    """``--resume`` cannot continue: no checkpoint, or one from a different configuration."""
-
-
-class DivergedError(RunError, ArithmeticError):
-    """A training loss was NaN or infinite; the epoch was not checkpointed."""
 
 
 class TrainResult(NamedTuple):
@@ -366,12 +367,6 @@ def evaluate(
 # ----------------------------------------------------------------------------- checkpoints
 
 
-def checkpoint_manager(directory: Path, keep: int) -> ocp.CheckpointManager:
-    """An orbax manager keeping the last ``keep`` epoch checkpoints under ``directory``."""
-    options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True)
-    return ocp.CheckpointManager(directory.resolve(), options=options)
-
-
 def state_parts(state: nnx.State | PackedState, graphdef: nnx.GraphDef | None) -> dict[str, Any]:
     """The train state as optax sees it: params, the optimizer's state tree, nnx's step count.
 
@@ -401,24 +396,6 @@ def state_from_parts(
     return nnx.state((model, optimizer))
 
 
-def checkpoint_payload(parts: dict[str, Any], train_key: jax.Array, epoch: int) -> dict[str, Any]:
-    """:func:`state_parts` with the optimizer state layout-free, the RNG state and the epoch.
-
-    ``adam_jax.state_to_tree`` gives every moment its param's shape (no ``shard_state``
-    partitioning wrapper, no grouped buffers; optax's state is already so), so the
-    checkpoint restores on any device count, with or without ZeRO-1, and into either
-    optimizer. The arrays are gathered to the host as NumPy arrays (cheaper to write than
-    sharded ones, which orbax slices with a compiled op per shape).
-    """
-    tree = {
-        **parts,
-        "opt_state": adam_jax.state_to_tree(parts["opt_state"]),
-        "rng": jax.random.key_data(train_key),
-        "epoch": np.int32(epoch),
-    }
-    return jax.tree.map(np.array, tree)
-
-
 def save_checkpoint(
     manager: ocp.CheckpointManager,
     epoch: int,
@@ -426,37 +403,14 @@ def save_checkpoint(
     train_key: jax.Array,
     meta: dict[str, Any],
 ) -> None:
-    """Saves the state after ``epoch`` (async; orbax finishes the write in the background)."""
-    args = ocp.args.Composite(
-        state=ocp.args.StandardSave(checkpoint_payload(parts, train_key, epoch)),
-        meta=ocp.args.JsonSave(meta),
-    )
-    manager.save(epoch, args=args)
+    """Saves :func:`state_parts`, the RNG state and ``epoch`` as checkpoint ``epoch``.
 
-
-def abstract(tree: Any) -> Any:
-    """Shapes, dtypes and shardings of ``tree``'s arrays: where orbax restores them."""
-    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
-
-
-def restore_arrays(manager: ocp.CheckpointManager, epoch: int, target: Any) -> Any:
-    """The arrays of checkpoint ``epoch``, restored into ``target``'s tree and placement."""
-    args = ocp.args.Composite(state=ocp.args.StandardRestore(target))
-    return manager.restore(epoch, args=args).state
-
-
-def continue_state(tree: Any, saved_optimizer: str, optimizer: str, like: Any) -> Any:
-    """The layout-free optimizer state ``tree`` of ``saved_optimizer`` in the form of ``like``.
-
-    ``like`` is this run's optimizer state (``optimizer``'s, in its layout and placement).
-    Across optimizers the Adam moments and step counts move over: ``adam_jax.adamw`` and
-    ``optax.adamw`` then continue to float32 rounding of each other.
+    :func:`common.checkpoints.save` writes the optimizer state layout-free, so the
+    checkpoint restores on any device count, with or without ZeRO-1, and into either
+    optimizer (async; orbax finishes the write in the background).
     """
-    if saved_optimizer == optimizer:
-        return adam_jax.state_from_tree(tree, like=like)
-    if saved_optimizer == "optax":
-        return adam_jax.from_optax_state(tree, like=like)
-    return adam_jax.to_optax_state(tree, like=like)
+    rng = {"rng": jax.random.key_data(train_key), "epoch": np.int32(epoch)}
+    checkpoints.save(manager, epoch, {**parts, **rng}, meta)
 
 
 def restore_checkpoint(
@@ -476,12 +430,12 @@ def restore_checkpoint(
       ResumeError: no checkpoint, or it was written with different settings.
     """
     cfg = run.cfg
-    epoch = manager.latest_step()
-    if epoch is None:
-        raise ResumeError(f"--resume: no checkpoint found in {manager.directory}")
+    epoch = checkpoints.latest(manager)
     # The settings first: a checkpoint of another model or --packed has another tree.
-    meta = manager.restore(epoch, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
-    check_resumable(meta["config"], cfg.trajectory(), manager.directory)
+    meta = checkpoints.restore_meta(manager, epoch)
+    checkpoints.check_resumable(
+        meta["config"], cfg.trajectory(), manager.directory, changeable=RESUMABLE_CHANGES
+    )
     like = state_parts(state, run.graphdef)
     key_data = np.asarray(jax.random.key_data(run.train_key))
     saved = meta.get("settings")  # the layout of the run that wrote it
@@ -490,13 +444,13 @@ def restore_checkpoint(
     else:
         saved_tx = run.make_optimizer(saved["optimizer"])
         target = {
-            **abstract(like),
-            "opt_state": adam_jax.restore_target(saved_tx, like["params"], layout_free=True),
+            **checkpoints.abstract(like),
+            "opt_state": checkpoints.opt_state_target(saved_tx, like["params"]),
             "rng": key_data,
             "epoch": np.asarray(0, np.int32),
         }
-        tree = restore_arrays(manager, epoch, target)
-        opt_state = continue_state(
+        tree = checkpoints.restore_arrays(manager, epoch, target)
+        opt_state = checkpoints.continue_state(
             tree["opt_state"], saved["optimizer"], cfg.optimizer, like["opt_state"]
         )
         parts = {k: tree[k] for k in like} | {"opt_state": opt_state}
@@ -525,35 +479,12 @@ def restore_layout_bound(
         "epoch": np.asarray(0, np.int32),
     }
     template = jax.tree.map(np.array, template)
-    tree = restore_arrays(manager, epoch, template)
+    tree = checkpoints.restore_arrays(manager, epoch, template)
     if isinstance(state, PackedState):
         return PackedState(tree["params"], tree["opt_state"]), tree
     restored = jax.tree.map(lambda x: x, state)  # a copy: state stays the fresh one
     nnx.replace_by_pure_dict(restored, {0: tree["params"], 1: tree["opt_state"]})
     return restored, tree
-
-
-def setting_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
-    """``"name: checkpoint <saved>, now <current>"`` for every setting that differs."""
-    return [
-        f"{k}: checkpoint {saved.get(k)!r}, now {v!r}"
-        for k, v in current.items()
-        if saved.get(k) != v
-    ]
-
-
-def check_resumable(saved: dict[str, Any], current: dict[str, Any], where: Path) -> None:
-    """Raises ResumeError naming every trajectory setting that differs from the checkpoint's.
-
-    :data:`config.RESUMABLE_CHANGES` may differ: the state is converted for this run.
-    """
-    current = {k: v for k, v in current.items() if k not in RESUMABLE_CHANGES}
-    diffs = setting_differences(saved, current)
-    if diffs:
-        raise ResumeError(
-            f"--resume: the checkpoint in {where} was trained with other settings, so the "
-            f"run could not match an uninterrupted one ({'; '.join(diffs)})"
-        )
 
 
 # ----------------------------------------------------------------------------- outputs
@@ -569,37 +500,38 @@ def write_metrics(path: Path, cfg: Config, data: Dataset, history: list, extra: 
         "history": history,
         **extra,
     }
-    path.write_text(json.dumps(record, indent=1))
+    write_json(path, record)
 
 
 def plot_curves(path: Path, history: list[dict[str, Any]], title: str) -> None:
     """Saves per-step and per-epoch train loss, test loss and test accuracy as a PNG."""
-    # The Agg canvas directly, not pyplot: no global backend switch, no GUI, no figure registry.
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-    from matplotlib.ticker import MaxNLocator
-
     epochs = [h["epoch"] for h in history]
     steps = np.concatenate([h["step_losses"] for h in history])
     per_epoch = len(history[0]["step_losses"])
     step_x = epochs[0] - 1 + np.arange(1, steps.size + 1) / per_epoch
-    fig = Figure(figsize=(10, 4), layout="constrained")
-    FigureCanvasAgg(fig)
-    ax_loss, ax_acc = fig.subplots(1, 2)
-    ax_loss.plot(step_x, steps, color="C0", alpha=0.3, lw=0.8, label="train (per step)")
-    ax_loss.plot(
-        epochs, [h["train_loss"] for h in history], "o-", color="C0", label="train (epoch mean)"
+    train_loss = [h["train_loss"] for h in history]
+    test_loss = [h["test_loss"] for h in history]
+    loss = Panel(
+        [
+            Series(step_x, steps, "train (per step)", {"color": "C0", "alpha": 0.3, "lw": 0.8}),
+            Series(epochs, train_loss, "train (epoch mean)", {"color": "C0", "marker": "o"}),
+            Series(epochs, test_loss, "test", {"color": "C1", "marker": "s"}),
+        ],
+        "loss",
+        "epoch",
+        "cross-entropy",
+        {"yscale": "log"},
+        integer_x=True,
     )
-    ax_loss.plot(epochs, [h["test_loss"] for h in history], "s-", color="C1", label="test")
-    ax_loss.set(xlabel="epoch", ylabel="cross-entropy", yscale="log", title="loss")
-    ax_loss.legend()
-    ax_acc.plot(epochs, [100 * h["test_accuracy"] for h in history], "o-", color="C2")
-    ax_acc.set(xlabel="epoch", ylabel="test accuracy (%)", title="test accuracy")
-    ax_acc.grid(alpha=0.3)
-    for ax in (ax_loss, ax_acc):
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    fig.suptitle(title)
-    fig.savefig(path, dpi=110)
+    accuracy = [100 * h["test_accuracy"] for h in history]
+    acc = Panel(
+        [Series(epochs, accuracy, "", {"color": "C2", "marker": "o"})],
+        "test accuracy",
+        "epoch",
+        "test accuracy (%)",
+        integer_x=True,
+    )
+    plot_panels(path, [loss, acc], title)
 
 
 def describe_run(
@@ -729,39 +661,36 @@ def check_out(cfg: Config) -> None:
       ResumeError: ``cfg.resume`` without checkpoints of the same state layout.
     """
     out = Path(cfg.out)
-    if out.exists() and not out.is_dir():
-        raise SetupError(f"--out {out}: not a directory")
+    outputs = replaceable_outputs(out)
+    checkpoints.check_out(out, outputs, resume=cfg.resume, overwrite=cfg.overwrite)
     if cfg.resume:
         check_layout(out / CHECKPOINTS, cfg)
-        return
-    earlier = earlier_outputs(out)
-    if earlier and not cfg.overwrite:
-        raise SetupError(
-            f"--out {out} holds the outputs of an earlier run ({', '.join(earlier)}): "
-            "continue it with --resume, replace it with --overwrite, or choose another --out"
-        )
 
 
-def earlier_outputs(out: Path) -> list[str]:
-    """The names in ``out`` a fresh run would replace; a settings record alone is no output."""
-    names = [n for n in OUTPUTS if (out / n).exists()]
+def replaceable_outputs(out: Path) -> tuple[str, ...]:
+    """The names a fresh run refuses to replace in ``out``, as its error message lists them.
+
+    The checkpoints directory is listed as ``checkpoints/``, and not at all when it holds
+    only a settings record (no output).
+    """
     ckpt_dir = out / CHECKPOINTS
-    if ckpt_dir.is_dir() and not any(p.name != SETTINGS_FILE for p in ckpt_dir.iterdir()):
-        names.remove(CHECKPOINTS)
-    return [f"{n}/" if n == CHECKPOINTS else n for n in names]
+    settings_only = ckpt_dir.is_dir() and all(p.name == SETTINGS_FILE for p in ckpt_dir.iterdir())
+    return tuple(
+        f"{n}/" if n == CHECKPOINTS else n
+        for n in OUTPUTS
+        if not (n == CHECKPOINTS and settings_only)
+    )
 
 
 def check_layout(ckpt_dir: Path, cfg: Config) -> None:
     """Raises ResumeError unless ``ckpt_dir``'s checkpoints can be restored into ``cfg``'s run.
 
+    ``ckpt_dir`` holds checkpoints (:func:`common.checkpoints.check_out` saw to that).
     ``settings.json`` records the layout (:data:`config.LAYOUT_FIELDS`) of the run that
     started ``ckpt_dir``. With ``"state": "layout-free"`` the checkpoints restore into any
     ``devices``, ``zero1`` and ``optimizer`` (:data:`config.RESUMABLE_CHANGES`); without it
     (an earlier version of this example) only into the same layout.
     """
-    steps = [p for p in ckpt_dir.iterdir() if p.name.isdigit()] if ckpt_dir.is_dir() else []
-    if not steps:
-        raise ResumeError(f"--resume: no checkpoint found in {ckpt_dir}")
     record = ckpt_dir / SETTINGS_FILE
     if not record.is_file():
         raise ResumeError(
@@ -776,7 +705,7 @@ def check_layout(ckpt_dir: Path, cfg: Config) -> None:
     layout = cfg.layout()
     if saved.get("state") == LAYOUT_FREE:
         fixed = {k: v for k, v in layout.items() if k not in RESUMABLE_CHANGES}
-        diffs = setting_differences(saved, fixed)
+        diffs = checkpoints.setting_differences(saved, fixed)
         if diffs:
             raise ResumeError(
                 f"--resume: the checkpoints in {ckpt_dir} hold params of another tree "
@@ -784,7 +713,7 @@ def check_layout(ckpt_dir: Path, cfg: Config) -> None:
                 "the checkpoint's --packed, or start over with --overwrite"
             )
         return
-    diffs = setting_differences(saved, layout)
+    diffs = checkpoints.setting_differences(saved, layout)
     if diffs:
         raise ResumeError(
             f"--resume: the checkpoints in {ckpt_dir} hold a state of another layout "
@@ -801,18 +730,15 @@ def open_checkpoints(cfg: Config) -> ocp.CheckpointManager:
     without ``cfg.overwrite``.
     """
     out = Path(cfg.out)
-    ckpt_dir = out / CHECKPOINTS
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        if not cfg.resume:
-            if ckpt_dir.exists():
-                shutil.rmtree(ckpt_dir)
-            ckpt_dir.mkdir()
-            settings = {**cfg.layout(), "state": LAYOUT_FREE}
-            (ckpt_dir / SETTINGS_FILE).write_text(json.dumps(settings, indent=1))
-    except OSError as err:
-        raise SetupError(f"--out {out}: {err}") from err
-    return checkpoint_manager(ckpt_dir, cfg.keep_checkpoints)
+    manager = checkpoints.open_checkpoints(out, cfg.keep_checkpoints, resume=cfg.resume)
+    if not cfg.resume:
+        settings = {**cfg.layout(), "state": LAYOUT_FREE}
+        try:
+            (out / CHECKPOINTS / SETTINGS_FILE).write_text(json.dumps(settings, indent=1))
+        except OSError as err:
+            manager.close()
+            raise SetupError(f"--out {out}: {err}") from err
+    return manager
 
 
 def check_data(data: Dataset, cfg: Config) -> None:
@@ -855,11 +781,6 @@ def write_outputs(cfg: Config, data: Dataset, history: list, accuracy: float, wa
     log(f"wrote {out / 'metrics.json'}, {out / 'curves.png'}, checkpoints in {out / 'checkpoints'}")
 
 
-def log(line: str) -> None:
-    """Prints a line to stdout at once (tqdm bars go to stderr)."""
-    print(line, flush=True)
-
-
 def train_epochs(
     run: Run, manager: ocp.CheckpointManager, state: nnx.State | PackedState
 ) -> tuple[nnx.State | PackedState, list[dict[str, Any]]]:
@@ -873,7 +794,7 @@ def train_epochs(
     if cfg.resume:
         state, train_key, done, history, saved = restore_checkpoint(manager, run, state)
         run = run._replace(train_key=train_key)
-        changed = setting_differences(saved, cfg.layout()) if saved else []
+        changed = checkpoints.setting_differences(saved, cfg.layout()) if saved else []
         other = f", restored into other settings ({'; '.join(changed)})" if changed else ""
         log(f"resumed from {manager.directory} after epoch {done}/{cfg.epochs}{other}")
     last_epoch = cfg.epochs if cfg.stop_after is None else min(cfg.epochs, cfg.stop_after)
