@@ -49,10 +49,16 @@ def check_close(result, reference, what: str) -> None:
     assert relative < PARAM_NORM_TOLERANCE, what
 
 
-def test_eight_devices_zero1_match_one_device(tmp_path, corpus, one_device):
-    cfg = tiny_config(tmp_path, devices=8, zero1=True, sample_bytes=0)
+@pytest.mark.parametrize(
+    "options",
+    [{}, {"layout": "grouped", "packed": True}],
+    ids=["per_leaf", "grouped-packed"],
+)
+def test_eight_devices_zero1_match_one_device(tmp_path, corpus, one_device, options):
+    """Also with grouped moments over packed params: ZeRO-1 partitions the flat buffers."""
+    cfg = tiny_config(tmp_path, devices=8, zero1=True, sample_bytes=0, **options)
     result = lm_train.train_and_evaluate(cfg, corpus)
-    check_close(result, one_device, "8 devices, ZeRO-1")
+    check_close(result, one_device, f"8 devices, ZeRO-1, {options or 'per-leaf'}")
 
 
 @pytest.mark.parametrize(
