@@ -157,13 +157,24 @@ def _axis_extreme(x: jax.Array, keep: int) -> jax.Array:
     parts = []
     if main:
         groups = x[:main].reshape(-1, 8, cols) if main != rows else x.reshape(-1, 8, cols)
-        parts.append(_max_min(*_max_min(groups, groups, (1,)), (0,)))
+        parts.append(_column_max_min(*_max_min(groups, groups, (1,))))
     if main != rows:
         parts.append(_max_min(x[main:], x[main:], (0,)))
     hi, lo = parts[0]
     for h, low in parts[1:]:
         hi, lo = jnp.maximum(hi, h), jnp.minimum(lo, low)
     return _pick_extreme(hi, lo)
+
+
+def _column_max_min(hi: jax.Array, lo: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """``(max(hi), min(lo))`` over the leading axis of ``(rows, cols)`` arrays, in
+    groups of 8 rows while they divide: the partial extremes of a 2048 x 4096 leaf
+    (256 x 4096) took 3-4 ms in one strided reduction over the leading axis, and
+    under 0.5 ms in stages."""
+    while hi.shape[0] > 8 and hi.shape[0] % 8 == 0:
+        hi = jax.lax.reduce(hi.reshape(-1, 8, hi.shape[1]), np.float32(-np.inf), jax.lax.max, (1,))
+        lo = jax.lax.reduce(lo.reshape(-1, 8, lo.shape[1]), np.float32(np.inf), jax.lax.min, (1,))
+    return _max_min(hi, lo, (0,))
 
 
 def _finite_or_zero(x: jax.Array) -> jax.Array:

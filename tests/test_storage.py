@@ -306,6 +306,26 @@ def test_bytes_per_param_on_a_gpt2_like_tree():
         assert storage.state_bytes(state) / n <= limit, fmt
 
 
+@pytest.mark.parametrize("rows", [1, 7, 8, 64, 72, 515, 2048, 4104])
+def test_axis_extremes_equal_numpy_for_every_row_count(rows):
+    """Rank-1 scales: the signed extreme over every axis but one, reduced in groups of 8
+    rows (and in stages of 8 for the columns); exactly numpy's, inf and NaN ignored."""
+    rng = np.random.default_rng(rows)
+    x = (rng.standard_normal((rows, 24)) * np.logspace(-3, 2, 24)).astype(np.float32)
+    x[rng.integers(rows), rng.integers(24)] = np.inf
+    x[rng.integers(rows), rng.integers(24)] = np.nan
+    finite = np.where(np.isfinite(x), x, 0)
+    for keep in (0, 1):
+        got = np.asarray(
+            jax.jit(storage._axis_extreme, static_argnums=1)(
+                storage._finite_or_zero(jnp.asarray(x)), keep
+            )
+        )
+        axis = 1 - keep
+        hi, lo = finite.max(axis), finite.min(axis)
+        np.testing.assert_array_equal(got, np.where(hi >= -lo, hi, lo))
+
+
 @pytest.mark.parametrize("shape", [(7, 520), (3, 100), (2, 3, 90)])
 def test_rows_ending_in_a_partial_block_match_the_padded_layout(shape):
     """8-bit rows whose length is not a multiple of the block size are cut into whole
