@@ -180,6 +180,48 @@ def test_kahan_lands_exactly_and_keeps_the_exact_residual(dtype):
     np.testing.assert_array_equal(_f32(c_new), _f32(_rn(residual, dtype)))
 
 
+def _fmix32_numpy(h: np.ndarray) -> np.ndarray:
+    h = h ^ (h >> np.uint32(16))
+    h = h * np.uint32(0x85EBCA6B)
+    h = h ^ (h >> np.uint32(13))
+    h = h * np.uint32(0xC2B2AE35)
+    return h ^ (h >> np.uint32(16))
+
+
+def _element_bits_numpy(key, shape) -> np.ndarray:
+    """The documented element bits, in NumPy: fmix32 over the axes' indices, keyed."""
+    s0, s1 = np.asarray(jax.random.bits(key, (2,), jnp.uint32))
+    h = np.full(shape, s0, np.uint32)
+    for axis, n in enumerate(shape):
+        index = np.arange(n, dtype=np.uint32).reshape(
+            [-1 if a == axis else 1 for a in range(len(shape))]
+        )
+        h = _fmix32_numpy(h ^ index)
+    return _fmix32_numpy(h ^ s1)
+
+
+@pytest.mark.parametrize("shape", [(1 << 16,), (256, 256), (16, 32, 128)])
+def test_element_bits_are_the_documented_hash_and_look_uniform(shape):
+    """Equal to the NumPy reference; every bit is set half the time, neighbours along
+    each axis are uncorrelated, and another key gives other bits (n = 65,536)."""
+    from adam_jax._precision import element_bits
+
+    key = jax.random.key(5)
+    bits = np.asarray(jax.jit(element_bits, static_argnums=1)(key, shape))
+    np.testing.assert_array_equal(bits, _element_bits_numpy(key, shape))
+    flat = bits.reshape(-1)
+    ones = (flat[:, None] >> np.arange(32, dtype=np.uint32)) & 1
+    sigma = 0.5 / np.sqrt(flat.size)
+    assert np.all(np.abs(ones.mean(axis=0) - 0.5) < 5 * sigma)
+    u = (bits >> 8).astype(np.float64) / 2**24 - 0.5
+    for axis in range(len(shape)):
+        a, b = np.moveaxis(u, axis, 0)[:-1], np.moveaxis(u, axis, 0)[1:]
+        corr = np.mean(a * b) / np.mean(u * u)
+        assert abs(corr) < 5 / np.sqrt(a.size), (axis, corr)
+    other = np.asarray(element_bits(jax.random.key(6), shape))
+    assert np.mean(other == bits) < 1e-3
+
+
 @pytest.mark.parametrize("dtype", LOW, ids=lambda d: d.name)
 def test_stochastic_rounding_lands_exactly_on_a_neighbour(dtype):
     """apply_updates lands on the neighbour of p + u that the documented draw picks."""
@@ -190,9 +232,9 @@ def test_stochastic_rounding_lands_exactly_on_a_neighbour(dtype):
     out, _ = jax.jit(tx.update)({"w": jnp.asarray(u)}, tx.init(params), params)
     assert out["w"].dtype == dtype
 
-    # The documented draw: bits of the leaf's shape under fold_in(fold_in(key, step), leaf).
+    # The documented draw: element bits under fold_in(fold_in(key, step), leaf).
     leaf_key = jax.random.fold_in(jax.random.fold_in(key, 0), 0)
-    bits = np.asarray(jax.random.bits(leaf_key, p.shape, jnp.uint32))
+    bits = _element_bits_numpy(leaf_key, p.shape)
     p32 = _f32(p)
     x = _ftz(p32 + _f32(u)).astype(np.float64)
     nearest = _rn(x, dtype).astype(np.float64)

@@ -149,3 +149,24 @@ def test_zero1_partitions_quantized_moments_and_equals_one_device(fmt):
     mu = state.inner[0].mu["w"]
     assert storage.is_quantized(mu)
     assert mu.codes.addressable_shards[0].data.shape[0] * 8 == mu.codes.shape[0]
+
+
+@pytest.mark.parametrize("spec", [P("data", None), P(None, "data")], ids=["rows", "columns"])
+def test_stochastic_rounding_draws_the_same_bits_however_the_leaf_is_sharded(spec):
+    """``stochastic_rounding``'s bits hash each element's global index: a bfloat16 leaf
+    sharded by rows or by columns lands exactly where the unsharded one does, and the
+    sharded step keeps its sharding."""
+    tx = adam_jax.stochastic_rounding(jax.random.key(0))
+    index = jnp.arange(64 * 1024, dtype=jnp.float32).reshape(64, 1024)
+    p = (1 + (index % 997) * 1e-3).astype(jnp.bfloat16)  # in [1, 2): ulp 2**-7
+    u = jnp.full((64, 1024), 3e-3, jnp.bfloat16)  # about 0.4 ulp: the draw decides
+    ref, _ = jax.jit(tx.update)({"w": u}, tx.init({"w": p}), {"w": p})
+    sharding = NamedSharding(_mesh(), spec)
+    ps, us = jax.device_put(p, sharding), jax.device_put(u, sharding)
+    out, _ = jax.jit(tx.update)({"w": us}, tx.init({"w": ps}), {"w": ps})
+    assert out["w"].sharding.spec == spec
+    np.testing.assert_array_equal(
+        np.asarray(out["w"], np.float32), np.asarray(ref["w"], np.float32)
+    )
+    moved = np.asarray(optax.apply_updates(p, ref["w"]) != p)
+    assert 0.01 < moved.mean() < 0.99  # the draws differ between elements
