@@ -172,8 +172,7 @@ def _column_max_min(hi: jax.Array, lo: jax.Array) -> tuple[jax.Array, jax.Array]
     (256 x 4096) took 3-4 ms in one strided reduction over the leading axis, and
     under 0.5 ms in stages."""
     while hi.shape[0] > 8 and hi.shape[0] % 8 == 0:
-        hi = jax.lax.reduce(hi.reshape(-1, 8, hi.shape[1]), np.float32(-np.inf), jax.lax.max, (1,))
-        lo = jax.lax.reduce(lo.reshape(-1, 8, lo.shape[1]), np.float32(np.inf), jax.lax.min, (1,))
+        hi, lo = _max_min(hi.reshape(-1, 8, hi.shape[1]), lo.reshape(-1, 8, lo.shape[1]), (1,))
     return _max_min(hi, lo, (0,))
 
 
@@ -226,6 +225,16 @@ class DynamicMap:
     @property
     def extra(self) -> int:
         return 0 if self.signed else 1
+
+    #: Non-finite values are saturated before encoding (:func:`_saturate_non_finite`).
+    saturates = False
+
+    @property
+    def signed_scale(self) -> bool:
+        """The signed table has no -1.0: a block's scale carries the sign of its extreme,
+        which then maps to +1.0 exactly (stored exactly, and re-encoding decoded values
+        gives the same codes and scales)."""
+        return self.signed
 
     @property
     def zero_code(self) -> int:
@@ -319,6 +328,8 @@ class LinearMap:
 
     bits: int
     signed: bool = False
+    saturates = False  # see DynamicMap
+    signed_scale = False  # unsigned: the scale is the block's maximum
 
     def encode(self, x: jax.Array) -> jax.Array:
         n = 2**self.bits
@@ -357,6 +368,11 @@ class FloatMap:
     signed: bool
     bits: int = 8
     mantissa: int = 3
+    #: NaN codes as 0 and +-inf as +-1.0 (the scale) with no extra select.
+    saturates = True
+    #: -1.0 is a code: the scale is the block's largest magnitude (a signed one could
+    #: flip on re-encoding a block that decodes to both +-scale).
+    signed_scale = False
 
     @property
     def magnitude_bits(self) -> int:
@@ -565,19 +581,16 @@ class Codec:
         return jnp.broadcast_to(scale, self.shape)
 
     def _unsign(self, extreme: jax.Array) -> jax.Array:
-        """A scale from a signed extreme: its magnitude on a map that holds -1.0
-        (:class:`FloatMap`), where a block may decode to both +-scale and a signed
-        scale could flip on re-encoding; the signed extreme itself on the signed
-        :class:`DynamicMap`, which has no -1.0. (The signed extreme is what XLA:CPU
-        computes fast: a variadic max/min reduction; a lone max is a slow library
-        call.)"""
-        return jnp.abs(extreme) if isinstance(self.map, FloatMap) else extreme
+        """A scale from a signed extreme: the extreme itself on a map whose scale carries
+        the sign (``map.signed_scale``), else its magnitude. (The signed extreme is what
+        XLA:CPU computes fast: a variadic max/min reduction; a lone max is a slow
+        library call.)"""
+        return extreme if self.map.signed_scale else jnp.abs(extreme)
 
     def _saturate(self, x: jax.Array, extreme: jax.Array) -> jax.Array:
-        """:func:`_saturate_non_finite`, unless the map does it itself: :class:`FloatMap`
-        codes NaN as 0 and +-inf as +-1.0 (the scale) for free; the selects cost
-        a fifth of the 8-bit step."""
-        return x if isinstance(self.map, FloatMap) else _saturate_non_finite(x, extreme)
+        """:func:`_saturate_non_finite`, unless the map codes non-finite values itself
+        (``map.saturates``: the selects cost a fifth of the 8-bit step)."""
+        return x if self.map.saturates else _saturate_non_finite(x, extreme)
 
     # -- encode / decode of a params-shaped float32 moment
 
@@ -602,10 +615,7 @@ class Codec:
         if self._partial_blocks:
             return self._encode_partial_blocks(x, root)
         xb = self._blocked(self._to_grid(x))
-        # The block's scale carries the sign of its largest-magnitude value, which
-        # then maps to +1.0 exactly (the signed dynamic table has no -1.0): the
-        # block's extreme value is stored exactly, and re-encoding decoded values
-        # gives the same codes and scales.
+        # Signed or not: see the map's ``signed_scale``.
         extreme = self._unsign(_signed_absmax(_finite_or_zero(xb), (2,)))
         scale = root(extreme)
         inv = jnp.where(scale == 0, _f32(0.0), _f32(1.0) / jnp.where(scale == 0, 1, scale))
@@ -922,11 +932,12 @@ class QuantizedMoments:
 
     def nu_codec(self, shape) -> Codec:
         shape = tuple(shape)
-        vmap = {
-            "dynamic": lambda: DynamicMap(False, self.bits),
-            "linear": lambda: LinearMap(self.bits),
-            "float": lambda: FloatMap(False, 8, _FLOAT_MANTISSA["nu", 8]),
-        }[self.nu_map]()
+        if self.nu_map == "float":
+            vmap = FloatMap(False, self.bits, _FLOAT_MANTISSA["nu", self.bits])
+        elif self.nu_map == "dynamic":
+            vmap = DynamicMap(False, self.bits)
+        else:
+            vmap = LinearMap(self.bits)
         norm = self.nu_norm if len(shape) >= 2 else "block"
         return Codec(shape, vmap, norm, self.block_size, root=self.nu_root)
 

@@ -734,7 +734,7 @@ def open_checkpoints(cfg: Config) -> ocp.CheckpointManager:
     if not cfg.resume:
         settings = {**cfg.layout(), "state": LAYOUT_FREE}
         try:
-            (out / CHECKPOINTS / SETTINGS_FILE).write_text(json.dumps(settings, indent=1))
+            write_json(out / CHECKPOINTS / SETTINGS_FILE, settings)
         except OSError as err:
             manager.close()
             raise SetupError(f"--out {out}: {err}") from err
